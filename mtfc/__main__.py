@@ -1,0 +1,3 @@
+from mtfc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""The shared codec: Entropic-Student encoder + CompressAI entropy model + distillation decoder.
+
+Matsubara et al., "Supervised Compression for Resource-Constrained Edge Computing Systems"
+(WACV 2022): a small encoder ``g_a`` (strided convolutions + GDN) turns the image into a latent at
+stride 4, a learned prior entropy-codes it, and a decoder (convolutions + inverse GDN) maps the
+quantized latent to the teacher's ``layer1`` features. After stage-1 training the codec is frozen
+(:meth:`Codec.freeze`) and saved as a standalone artifact; heads then train on its hard-quantized
+latent, which is bit-for-bit what :meth:`Codec.decode` returns on the server.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from compressai.entropy_models import EntropyBottleneck
+from compressai.latent_codecs import (EntropyBottleneckLatentCodec, GaussianConditionalLatentCodec,
+                                      HyperLatentCodec, HyperpriorLatentCodec)
+from compressai.layers import GDN
+from compressai.models import CompressionModel
+from compressai.models.utils import conv, deconv
+from torch import nn
+
+from mtfc import bitstream
+from mtfc.teacher import normalize
+
+ARTIFACT_FORMAT = "mtfc-codec"
+ARTIFACT_VERSION = 1
+KINDS = ("factorized", "hyperprior")
+
+
+class LatentDecoder(nn.Sequential):
+    """Latent (stride 4) → features with ``out_channels`` at stride 4 (convs + inverse GDN).
+
+    The codec's distillation decoder, and the decoder every head owns (initialised from the codec's).
+    """
+
+    def __init__(self, latent_channels: int, out_channels: int, hidden_channels: int = 96) -> None:
+        super().__init__(
+            conv(latent_channels, hidden_channels * 2, kernel_size=3, stride=1),
+            GDN(hidden_channels * 2, inverse=True),
+            conv(hidden_channels * 2, hidden_channels, kernel_size=3, stride=1),
+            GDN(hidden_channels, inverse=True),
+            conv(hidden_channels, out_channels, kernel_size=3, stride=1),
+        )
+        self.latent_channels, self.out_channels, self.hidden_channels = latent_channels, out_channels, hidden_channels
+
+
+class Codec(CompressionModel):
+    """Encoder + entropy model (+ the distillation decoder used in stage 1).
+
+    Args:
+        kind: ``"factorized"`` (EntropyBottleneck prior) or ``"hyperprior"`` (mean-scale Gaussian
+            conditional with a hyper encoder/decoder), both composed from ``compressai.latent_codecs``.
+        latent_channels: channels of the transmitted latent.
+        hidden_channels: width of the encoder and decoder.
+        out_channels: channels of the teacher's ``layer1`` features the decoder imitates.
+    """
+
+    latent_stride = 4
+
+    def __init__(self, kind: str = "factorized", latent_channels: int = 24, hidden_channels: int = 96,
+                 out_channels: int = 64) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown codec kind {kind!r}; choose from {KINDS}")
+        self.config = dict(kind=kind, latent_channels=latent_channels, hidden_channels=hidden_channels,
+                           out_channels=out_channels)
+        N, C = hidden_channels, latent_channels
+        self.g_a = nn.Sequential(conv(3, N, 5, 2), GDN(N), conv(N, N, 5, 2), GDN(N), conv(N, C, 3, 1))
+        if kind == "factorized":
+            self.latent_codec = EntropyBottleneckLatentCodec(channels=C)
+        else:
+            h_a = nn.Sequential(conv(C, N, 3, 1), nn.ReLU(inplace=True), conv(N, N, 5, 2),
+                                nn.ReLU(inplace=True), conv(N, N, 5, 2))
+            h_s = nn.Sequential(deconv(N, N, 5, 2), nn.ReLU(inplace=True), deconv(N, N * 3 // 2, 5, 2),
+                                nn.ReLU(inplace=True), conv(N * 3 // 2, 2 * C, 3, 1))
+            self.latent_codec = HyperpriorLatentCodec(latent_codec={
+                "y": GaussianConditionalLatentCodec(quantizer="ste"),
+                "hyper": HyperLatentCodec(EntropyBottleneck(N), h_a, h_s, quantizer="ste"),
+            })
+        self.decoder = LatentDecoder(C, out_channels, N)
+        self.meta: dict[str, Any] = {}
+        self._fingerprint: str | None = None
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.config["kind"]
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config["latent_channels"]
+
+    @property
+    def size_divisibility(self) -> int:
+        """Input height and width must be multiples of this (4, or 16 with the hyper branch)."""
+        return 4 if self.kind == "factorized" else 16
+
+    @property
+    def frozen(self) -> bool:
+        return self._fingerprint is not None
+
+    @property
+    def fingerprint(self) -> str:
+        """Hex SHA-256 (first 16 digits) of the config and the encoder + entropy-model state."""
+        if self._fingerprint is None:
+            raise RuntimeError("the codec is not frozen yet: call codec.freeze() after training")
+        return self._fingerprint
+
+    # -- training (stage 1) ----------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> dict[str, Any]:
+        """Training pass: noisy latent, its likelihoods, and the decoder's features."""
+        out = self.latent_codec(self.g_a(normalize(images)))
+        out["features"] = self.decoder(out["y_hat"])
+        return out
+
+    def freeze(self) -> Codec:
+        """Build the CDF tables, freeze every parameter and fix the fingerprint."""
+        self.update(force=True)
+        self.requires_grad_(False)
+        self.eval()
+        self._fingerprint = self._compute_fingerprint()
+        return self
+
+    def train(self, mode: bool = True) -> Codec:
+        # A frozen codec stays in eval mode: the server's latent never sees training-time noise.
+        return super().train(mode and not self.frozen)
+
+    def _compute_fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+        state = self.state_dict()
+        for key in sorted(k for k in state if k.startswith(("g_a.", "latent_codec."))):
+            h.update(key.encode())
+            h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # -- the deployed path -----------------------------------------------------------------------
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"expected RGB images as a (B, 3, H, W) tensor, got {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"expected float images in [0, 1], got dtype {images.dtype}")
+        H, W = images.shape[-2:]
+        d = self.size_divisibility
+        if H % d or W % d:
+            raise ValueError(f"image size {H}x{W} is not a multiple of {d}; resize or pad the input "
+                             f"(e.g. to {-(-H // d) * d}x{-(-W // d) * d})")
+
+    @torch.no_grad()
+    def quantize(self, images: torch.Tensor) -> torch.Tensor:
+        """The hard-quantized latent ŷ, bit-identical to ``decode(encode(images))``."""
+        self._check_images(images)
+        y = self.g_a(normalize(images))
+        if self.kind == "factorized":
+            eb = self.latent_codec.entropy_bottleneck
+            medians = eb._get_medians().detach().reshape(1, -1, 1, 1)
+            return eb.quantize(y, "dequantize", medians)
+        # Per image, through the coder itself: the hyper-synthesis runs exactly as in decode().
+        return torch.cat([self.latent_codec.compress(y[i : i + 1])["y_hat"] for i in range(len(y))])
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> list[bytes]:
+        """One self-describing bitstream per image (see :mod:`mtfc.bitstream`)."""
+        fp = bytes.fromhex(self.fingerprint)
+        self._check_images(images)
+        y = self.g_a(normalize(images))
+        H, W = images.shape[-2:]
+        streams = []
+        for i in range(len(y)):
+            out = self.latent_codec.compress(y[i : i + 1])
+            header = bitstream.Header(fp[: bitstream.FINGERPRINT_BYTES], (H, W), tuple(y.shape[1:]))
+            streams.append(bitstream.pack(header, [s[0] for s in out["strings"]]))
+        return streams
+
+    @torch.no_grad()
+    def decode(self, streams: list[bytes]) -> torch.Tensor:
+        """Validate and decode streams of equal size into the batched latent ŷ (B, C, h, w)."""
+        if isinstance(streams, (bytes, bytearray)):
+            streams = [streams]
+        if not streams:
+            raise ValueError("decode() needs at least one stream")
+        fp = bytes.fromhex(self.fingerprint)
+        parsed = [bitstream.unpack(s, fp) for s in streams]
+        latents = []
+        for header, payloads in parsed:
+            (H, W), (C, h, w) = header.image_size, header.latent_shape
+            s, d = self.latent_stride, self.size_divisibility
+            n_payloads = 1 if self.kind == "factorized" else 2
+            if C != self.latent_channels or (h, w) != (H // s, W // s) or H % d or W % d or len(payloads) != n_payloads:
+                raise bitstream.CorruptStreamError(
+                    f"header does not match this codec: image {H}x{W}, latent {C}x{h}x{w}, {len(payloads)} payloads")
+            if header.latent_shape != parsed[0][0].latent_shape:
+                raise ValueError("streams of different image sizes cannot be decoded as one batch; decode them separately")
+            shape: Any = (h, w) if self.kind == "factorized" else {"y": (h, w), "hyper": (h // 4, w // 4)}
+            try:
+                latents.append(self.latent_codec.decompress([[p] for p in payloads], shape)["y_hat"])
+            except Exception as e:  # the checksum passed, so this is a forged stream; never crash on it
+                raise bitstream.CorruptStreamError(f"entropy decoding failed: {e}") from e
+        return torch.cat(latents)
+
+
+def save_codec(codec: Codec, path: str | Path) -> Path:
+    """Write a frozen codec as a standalone artifact (loads with ``torch.load(weights_only=True)``)."""
+    from mtfc.engine import atomic_save
+
+    artifact = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "config": codec.config,
+                "fingerprint": codec.fingerprint, "meta": codec.meta, "state_dict": codec.state_dict()}
+    atomic_save(artifact, path)
+    return Path(path)
+
+
+def load_codec(path: str | Path, map_location: str | torch.device = "cpu") -> Codec:
+    """Load a frozen codec artifact written by :func:`save_codec`; verifies its fingerprint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"codec artifact {path} does not exist (train one with `mtfc train-bottleneck`)")
+    try:
+        art = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable codec artifact: {e}") from e
+    if not isinstance(art, dict) or art.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{path} is not an mtfc codec artifact")
+    if art["version"] != ARTIFACT_VERSION:
+        raise ValueError(f"{path} has codec artifact version {art['version']}; this mtfc reads {ARTIFACT_VERSION}")
+    codec = Codec(**art["config"])
+    codec.load_state_dict(art["state_dict"])
+    codec.meta = dict(art.get("meta", {}))
+    codec.requires_grad_(False)
+    codec.eval()
+    codec._fingerprint = codec._compute_fingerprint()
+    if codec._fingerprint != art["fingerprint"]:
+        raise ValueError(f"{path} is corrupt: its weights do not match its fingerprint {art['fingerprint']}")
+    return codec

@@ -1,0 +1,158 @@
+"""The head contract: the one interface every task plugs into.
+
+A head is an ``nn.Module`` that consumes the *decoded, hard-quantized latent* ``ŷ`` — exactly the
+tensor the edge server gets from :meth:`mtfc.Codec.decode` — and the batch's targets:
+
+* training mode: ``head(latent, targets)`` returns a dict of scalar losses (summed by the engine);
+* eval mode: ``head(latent, targets)`` returns one prediction per image (a list), the format its
+  evaluator consumes. Targets may be ``None`` at inference; heads that need the input image size
+  read ``image_size`` from the targets when given, else infer it from the latent's stride.
+
+A head names its ``task``, its primary ``metric``, the target keys it reads (``required_targets``),
+and builds its evaluator (``build_evaluator(dataset)``: an object with ``reset()``,
+``process(targets, predictions)`` and ``evaluate() -> dict[str, float]``, as Detectron2's
+``DatasetEvaluator``). Heads register under a name in :data:`HEADS` so configs can build them.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+Targets = list[dict[str, Any]]
+
+
+class Evaluator(Protocol):
+    """What ``Head.build_evaluator`` returns (the shape of Detectron2's ``DatasetEvaluator``)."""
+
+    def reset(self) -> None: ...
+    def process(self, targets: Targets, predictions: list[Any]) -> None: ...
+    def evaluate(self) -> dict[str, float]: ...
+
+
+class Head(nn.Module):
+    """Base class of task heads. Subclasses set the class attributes and implement ``forward``."""
+
+    task: str = ""
+    metric: str = ""
+    required_targets: tuple[str, ...] = ()
+
+    def forward(self, latent: torch.Tensor, targets: Targets | None = None) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def build_evaluator(self, dataset: Any) -> Evaluator:  # pragma: no cover
+        raise NotImplementedError
+
+    def init_from_teacher(self, teacher: nn.Module) -> None:
+        """Copy what this head shares with the teacher; by default the stages of every :class:`LatentResNet`."""
+        for m in self.modules():
+            if isinstance(m, LatentResNet):
+                m.init_from_teacher(teacher)
+
+    def init_from_codec(self, codec: nn.Module) -> None:
+        """Start this head's decoders from the codec's stage-1 distillation decoder where shapes match."""
+        from mtfc.codec import LatentDecoder
+
+        for m in self.modules():
+            if isinstance(m, LatentDecoder) and _same_shapes(m, codec.decoder):
+                m.load_state_dict(codec.decoder.state_dict())
+
+
+def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
+
+
+class LatentResNet(nn.Module):
+    """The server-side trunk shared by the built-in heads: a :class:`~mtfc.codec.LatentDecoder`
+    from ŷ to ``layer1``-like features, then a torchvision ResNet's ``layer2..layer4``.
+
+    With ``latent_channels=None`` it is the *reference* trunk on uncompressed pixels instead: the
+    teacher's normalisation, stem and ``layer1`` replace the decoder (same architecture after that),
+    and the head then takes images (B, 3, H, W) in [0, 1] where it would take ŷ.
+
+    ``forward`` returns ``{"layer1": ..., "layer4": ...}`` (strides 4, 8, 16, 32, or less with dilation).
+    ``init_from_teacher`` copies the teacher's stages; the decoder starts from the codec's
+    (:meth:`Head.init_from_codec`).
+    """
+
+    def __init__(self, latent_channels: int | None, arch: str = "resnet18", hidden_channels: int = 96,
+                 replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)) -> None:
+        super().__init__()
+        from mtfc.codec import LatentDecoder
+        from mtfc.teacher import _ARCHS, STAGES, stage_channels
+
+        self.arch, self.stages = arch, STAGES
+        self.channels = stage_channels(arch)
+        net = _ARCHS[arch](num_classes=1, replace_stride_with_dilation=list(replace_stride_with_dilation))
+        if latent_channels is None:
+            self.decoder = _PixelStem(net)
+        else:
+            self.decoder = LatentDecoder(latent_channels, self.channels["layer1"], hidden_channels)
+        self.layer2, self.layer3, self.layer4 = net.layer2, net.layer3, net.layer4
+        self.strides = {"layer1": 4}
+        for name, dilate in zip(self.stages[1:], replace_stride_with_dilation):
+            self.strides[name] = self.strides[self.stages[self.stages.index(name) - 1]] * (1 if dilate else 2)
+
+    @property
+    def on_pixels(self) -> bool:
+        return isinstance(self.decoder, _PixelStem)
+
+    def init_from_teacher(self, teacher: nn.Module) -> None:
+        names = ("conv1", "bn1", "layer1", *self.stages[1:]) if self.on_pixels else self.stages[1:]
+        for name in names:
+            owner = self.decoder if name in ("conv1", "bn1", "layer1") else self
+            getattr(owner, name).load_state_dict(getattr(teacher, name).state_dict())
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = {"layer1": self.decoder(x)}
+        for prev, name in zip(self.stages, self.stages[1:]):
+            feats[name] = getattr(self, name)(feats[prev])
+        return feats
+
+
+class _PixelStem(nn.Module):
+    """normalize → conv1 → bn1 → relu → maxpool → layer1: the reference trunk's input side."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool, self.layer1 = net.conv1, net.bn1, net.relu, net.maxpool, net.layer1
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from mtfc.teacher import normalize
+
+        return self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(normalize(images))))))
+
+
+class Registry(dict):
+    """Name → builder; ``@HEADS.register("name")`` on a class or function."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def register(self, name: str) -> Callable:
+        def deco(obj):
+            if name in self:
+                raise KeyError(f"{self.kind} {name!r} is already registered")
+            self[name] = obj
+            return obj
+        return deco
+
+    def build(self, name: str, **kwargs) -> Any:
+        if name not in self:  # built-in heads live in heads/<name>.py and register on import
+            try:
+                importlib.import_module(f"heads.{name}")
+            except ModuleNotFoundError as e:
+                if e.name not in ("heads", f"heads.{name}"):
+                    raise
+        if name not in self:
+            raise KeyError(f"unknown {self.kind} {name!r}; registered: {sorted(self)}")
+        obj = self[name](**kwargs)
+        obj._mtfc_spec = {"type": name, "kwargs": kwargs}  # lets a saved head be rebuilt from its checkpoint
+        return obj
+
+
+HEADS = Registry("head")

@@ -1,0 +1,106 @@
+"""MultiTaskModel: one frozen codec, any number of heads, one decode for all of them."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from mtfc.codec import Codec
+from mtfc.head import HEADS, Head, Targets
+
+HEAD_FORMAT = "mtfc-head"
+
+
+class MultiTaskModel(nn.Module):
+    """The server side of split computing: bitstreams (or images, encoded on the spot) → every head.
+
+    >>> model = MultiTaskModel(load_codec("codec.pt"))
+    >>> model.attach("cls", ClassificationHead(latent_channels=24, num_classes=5))
+    >>> preds = model(streams)            # {"cls": [...]}, one decode for all heads
+    """
+
+    def __init__(self, codec: Codec) -> None:
+        super().__init__()
+        if not codec.frozen:
+            raise ValueError("MultiTaskModel needs a frozen codec (codec.freeze() or mtfc.load_codec)")
+        self.codec = codec
+        self.heads = nn.ModuleDict()
+
+    def attach(self, name: str, head: Head) -> Head:
+        if not isinstance(head, Head):
+            raise TypeError(f"{type(head).__name__} is not an mtfc.Head (see mtfc/head.py for the contract)")
+        if name in self.heads:
+            raise KeyError(f"a head named {name!r} is already attached; detach it first")
+        self.heads[name] = head
+        return head
+
+    def detach(self, name: str) -> Head:
+        if name not in self.heads:
+            raise KeyError(f"no head named {name!r}; attached: {list(self.heads)}")
+        return self.heads.pop(name)
+
+    def train(self, mode: bool = True) -> MultiTaskModel:
+        super().train(mode)
+        self.codec.eval()
+        return self
+
+    def latent(self, inputs: torch.Tensor | Sequence[bytes]) -> torch.Tensor:
+        """ŷ from images (B, 3, H, W) in [0, 1] or from a list of bitstreams."""
+        if isinstance(inputs, torch.Tensor):
+            return self.codec.quantize(inputs)
+        return self.codec.decode(list(inputs))
+
+    @torch.no_grad()
+    def forward(self, inputs: torch.Tensor | Sequence[bytes], targets: Targets | None = None,
+                heads: Sequence[str] | None = None) -> dict[str, Any]:
+        """Predictions of every attached head (or of ``heads``) from one decode."""
+        latent = self.latent(inputs)
+        return {name: self.heads[name](latent, targets) for name in (heads or self.heads)}
+
+    # -- head checkpoints, independent of the codec ------------------------------------------------
+    def save_head(self, name: str, path: str | Path, **meta: Any) -> Path:
+        """Save one head with the fingerprint of the codec it was trained on."""
+        return save_head(self.heads[name], path, self.codec.fingerprint, **meta)
+
+    def load_head(self, name: str, path: str | Path, head: Head | None = None) -> Head:
+        """Attach a saved head; ``head`` is needed only for heads not built from the registry."""
+        return self.attach(name, load_head(path, self.codec.fingerprint, head))
+
+
+def save_head(head: Head, path: str | Path, codec_fingerprint: str | None, **meta: Any) -> Path:
+    """Write a head checkpoint; ``codec_fingerprint`` is ``None`` for a reference head on pixels."""
+    from mtfc.engine import atomic_save
+
+    atomic_save({"format": HEAD_FORMAT, "spec": getattr(head, "_mtfc_spec", None), "task": head.task,
+                 "codec_fingerprint": codec_fingerprint, "meta": meta, "state_dict": head.state_dict()}, path)
+    return Path(path)
+
+
+def load_head(path: str | Path, codec_fingerprint: str | None = None, head: Head | None = None) -> Head:
+    """Rebuild a saved head (from the registry unless ``head`` is given) and check its codec."""
+    ckpt = read_head_checkpoint(path)
+    if ckpt["codec_fingerprint"] != codec_fingerprint:
+        trained = ckpt["codec_fingerprint"] or "uncompressed pixels (a reference head)"
+        raise ValueError(f"{path} was trained on codec {trained}, not on "
+                         f"{codec_fingerprint or 'uncompressed pixels'}; retrain the head on this codec")
+    if head is None:
+        if not ckpt["spec"]:
+            raise ValueError(f"{path} holds a head built outside the registry: pass `head=` to load it into")
+        head = HEADS.build(ckpt["spec"]["type"], **ckpt["spec"]["kwargs"])
+    head.load_state_dict(ckpt["state_dict"])
+    return head.eval()
+
+
+def read_head_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"head checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable head checkpoint: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != HEAD_FORMAT:
+        raise ValueError(f"{path} is not an mtfc head checkpoint")
+    return ckpt

@@ -1,0 +1,105 @@
+"""Teacher networks (torchvision ResNets) and the feature taps used for distillation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+#: Input normalisation of every teacher and codec (torchvision's ImageNet constants). The codec and
+#: the reference models call :func:`normalize`; nothing else touches pixel statistics.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+_ARCHS = {"resnet18": models.resnet18, "resnet34": models.resnet34, "resnet50": models.resnet50,
+          "resnet101": models.resnet101}
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """Map RGB images in [0, 1] to the teachers' normalised input."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def stage_channels(arch: str) -> dict[str, int]:
+    """Output channels of ``layer1..layer4`` of a torchvision ResNet."""
+    _check_arch(arch)
+    expansion = 4 if arch in ("resnet50", "resnet101") else 1
+    return {s: 64 * 2**i * expansion for i, s in enumerate(STAGES)}
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown teacher arch {arch!r}; choose from {sorted(_ARCHS)}")
+
+
+def build_teacher(arch: str = "resnet18", num_classes: int = 1000, weights: str | Path | None = None) -> nn.Module:
+    """A torchvision ResNet, optionally with weights.
+
+    ``weights``: ``None`` (random init), a torchvision weights name such as ``"DEFAULT"`` or
+    ``"IMAGENET1K_V2"`` (needs torchvision's download or its local cache; the classifier is re-initialised
+    when ``num_classes != 1000``), or the path of a local checkpoint written by :func:`save_teacher`
+    or a plain ``state_dict``.
+    """
+    _check_arch(arch)
+    model = _ARCHS[arch](num_classes=num_classes)
+    if weights is None:
+        return model
+    path = Path(weights)
+    if path.suffix in (".pt", ".pth") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        state = ckpt.get("state_dict", ckpt)
+        if "arch" in ckpt and ckpt["arch"] != arch:
+            raise ValueError(f"{path} holds a {ckpt['arch']} teacher, the config asks for {arch}")
+        model.load_state_dict(state)
+        return model
+    enum = models.get_model_weights(_ARCHS[arch])
+    try:
+        state = enum[str(weights)].get_state_dict(progress=True) if str(weights) != "DEFAULT" else \
+            enum.DEFAULT.get_state_dict(progress=True)
+    except KeyError:
+        raise ValueError(f"unknown weights {weights!r} for {arch}; torchvision has {[w.name for w in enum]}") from None
+    except Exception as e:  # no network: say how to proceed instead of a socket traceback
+        raise RuntimeError(
+            f"could not fetch torchvision weights {arch}/{weights} ({e}). Offline, either put the file in "
+            f"torch's hub cache ({torch.hub.get_dir()}/checkpoints), pass a local checkpoint path as "
+            "`weights`, or train a teacher on the bundled dataset with `mtfc train-teacher`.") from e
+    if num_classes != 1000:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        model.load_state_dict(state, strict=False)
+    else:
+        model.load_state_dict(state)
+    return model
+
+
+def save_teacher(model: nn.Module, arch: str, path: str | Path, **meta) -> None:
+    """Write a teacher checkpoint that :func:`build_teacher` loads (``weights_only``-safe)."""
+    from mtfc.engine import atomic_save
+
+    atomic_save({"arch": arch, "num_classes": model.fc.out_features, "state_dict": model.state_dict(), **meta}, path)
+
+
+def stem(teacher: nn.Module) -> nn.Sequential:
+    """The teacher's layers before ``layer1`` (conv1, bn1, relu, maxpool): what the codec replaces."""
+    return nn.Sequential(teacher.conv1, teacher.bn1, teacher.relu, teacher.maxpool)
+
+
+def run_stages(teacher: nn.Module, feat: torch.Tensor, start: str = "layer2") -> dict[str, torch.Tensor]:
+    """Run the teacher from the output of the stage before ``start`` to its logits; returns every tap."""
+    out = {}
+    for name in STAGES[STAGES.index(start):]:
+        feat = getattr(teacher, name)(feat)
+        out[name] = feat
+    out["logits"] = teacher.fc(torch.flatten(teacher.avgpool(feat), 1))
+    return out
+
+
+def teacher_taps(teacher: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Features of every stage and the logits for RGB images in [0, 1]."""
+    f1 = teacher.layer1(stem(teacher)(normalize(images)))
+    return {"layer1": f1, **run_stages(teacher, f1)}

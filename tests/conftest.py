@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+from mtfc.codec import Codec
+
+torch.set_num_threads(2)
+
+
+def tiny_codec(kind: str = "factorized", seed: int = 0) -> Codec:
+    torch.manual_seed(seed)
+    return Codec(kind=kind, latent_channels=8, hidden_channels=16, out_channels=64).freeze()
+
+
+@pytest.fixture(params=["factorized", "hyperprior"])
+def codec(request) -> Codec:
+    return tiny_codec(request.param)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(3, 3, 32, 48, generator=g)
