@@ -1,0 +1,233 @@
+"""Rate–accuracy results on disk: CSV/JSON tables, one plot per task, BD-rates and a Markdown report.
+
+The rows are those of :func:`mtfc.evaluation.runner.evaluate_method` (one per method, rate point and
+task). The BD-rate table compares ``anchor_method`` (mtfc) with every other method that has a curve,
+the uncompressed reference excepted; it is drawn as a dashed horizontal line at its accuracy.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from mtfc.evaluation.bdrate import bd_metric, bd_rate, upper_envelope
+from mtfc.evaluation.runner import ROW_FIELDS
+
+__all__ = ["PROVENANCE_KEYS", "collect_provenance", "bd_rate_table", "write_report"]
+
+#: what ``write_report`` needs to know about how the results were produced
+PROVENANCE_KEYS = ("command", "config", "seed", "machine", "timestamp")
+BD_FIELDS = ("task", "metric_name", "method", "baseline", "bd_rate_percent", "bd_metric", "note")
+
+
+def collect_provenance(*, config: Mapping[str, Any] | None, seed: int | None, device: str | torch.device,
+                       command: str | None = None) -> dict[str, Any]:
+    """The provenance record of this process: its command line (``sys.argv`` unless given), the config,
+    the seed, the machine (platform, Python, CPU count, torch version and threads, device) and a UTC time."""
+    return {
+        "command": command if command is not None else shlex.join(sys.argv),
+        "config": dict(config) if config is not None else None,
+        "seed": seed,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device)},
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _plain(obj: Any) -> Any:
+    """JSON/YAML-safe copy: NaN/inf -> None, numpy scalars -> Python, paths and other objects -> str."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    return str(obj)
+
+
+def _check_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Validate the rows and group them by task."""
+    if not rows:
+        raise ValueError("write_report got no result rows")
+    by_task: dict[str, list[Mapping[str, Any]]] = {}
+    for i, row in enumerate(rows):
+        missing = [k for k in ROW_FIELDS if k != "all_metrics" and k not in row]
+        if missing:
+            raise ValueError(f"result row {i} lacks {missing}: {dict(row)}")
+        by_task.setdefault(str(row["task"]), []).append(row)
+    for task, task_rows in by_task.items():
+        names = sorted({str(r["metric_name"]) for r in task_rows})
+        if len(names) > 1:
+            raise ValueError(f"task {task!r} mixes metrics {names}; one metric per task can be compared")
+    return by_task
+
+
+def _curve(rows: Sequence[Mapping[str, Any]], method: str) -> list[Mapping[str, Any]]:
+    return sorted((r for r in rows if r["method"] == method), key=lambda r: r["bpp_mean"])
+
+
+def _unusable(method: str, curve: Sequence[Mapping[str, Any]]) -> str:
+    """Why ``curve`` cannot enter a Bjøntegaard delta ("" if it can)."""
+    if not curve:
+        return f"no {method!r} results"
+    try:
+        rate, _ = upper_envelope([r["bpp_mean"] for r in curve], [r["metric"] for r in curve])
+    except ValueError as e:
+        return f"{method!r}: {e}"
+    return "" if rate.size >= 2 else f"{method!r} has {rate.size} point(s) on its rate–accuracy envelope; 2 are needed"
+
+
+def bd_rate_table(rows: Sequence[Mapping[str, Any]], *, anchor_method: str = "mtfc",
+                  reference_method: str = "uncompressed") -> list[dict[str, Any]]:
+    """BD-rate (%, negative = ``anchor_method`` needs fewer bits) and BD-metric (+ = ``anchor_method``
+    is more accurate) of ``anchor_method`` against each other method, per task, on (bpp, metric)
+    curves. A pair that cannot be compared gets ``None`` values and the reason in ``note``."""
+    table = []
+    for task, task_rows in _check_rows(rows).items():
+        ours = _curve(task_rows, anchor_method)
+        baselines = sorted({str(r["method"]) for r in task_rows} - {anchor_method, reference_method})
+        for baseline in baselines:
+            theirs = _curve(task_rows, baseline)
+            entry = {"task": task, "metric_name": task_rows[0]["metric_name"], "method": anchor_method,
+                     "baseline": baseline, "bd_rate_percent": None, "bd_metric": None,
+                     "note": _unusable(anchor_method, ours) or _unusable(baseline, theirs)}
+            if not entry["note"]:
+                args = ([r["bpp_mean"] for r in theirs], [r["metric"] for r in theirs],
+                        [r["bpp_mean"] for r in ours], [r["metric"] for r in ours])
+                notes = []
+                for key, fn in (("bd_rate_percent", bd_rate), ("bd_metric", bd_metric)):
+                    try:
+                        entry[key] = fn(*args)
+                    except ValueError as e:  # e.g. curves that share an accuracy range but no rate range
+                        notes.append(f"{fn.__name__} (anchor {baseline}, test {anchor_method}): {e}")
+                entry["note"] = "; ".join(notes)
+            table.append(entry)
+    return table
+
+
+def _method_order(methods: set[str], anchor: str, reference: str) -> list[str]:
+    return [m for m in [anchor] if m in methods] + sorted(methods - {anchor, reference}) + \
+        [m for m in [reference] if m in methods]
+
+
+def _plot(task: str, task_rows: Sequence[Mapping[str, Any]], path: Path, anchor: str, reference: str) -> None:
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    markers = "osD^vP*Xh<>"
+    curves = [m for m in _method_order({str(r["method"]) for r in task_rows}, anchor, reference) if m != reference]
+    for i, method in enumerate(curves):
+        pts = _curve(task_rows, method)
+        ax.plot([r["bpp_mean"] for r in pts], [r["metric"] for r in pts], marker=markers[i % len(markers)],
+                label=method, linewidth=2.2 if method == anchor else 1.4)
+    for r in _curve(task_rows, reference):
+        ax.axhline(r["metric"], linestyle="--", color="0.35", label=f"{reference} ({r['bpp_mean']:.3g} bpp)")
+    values = [float(r["metric"]) for r in task_rows if math.isfinite(float(r["metric"]))]
+    if values:  # keep the reference line off the frame
+        pad = 0.08 * (max(values) - min(values)) or 0.05 * abs(max(values)) or 0.05
+        ax.set_ylim(min(values) - pad, max(values) + pad)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("rate [bits per pixel]")
+    ax.set_ylabel(str(task_rows[0]["metric_name"]))
+    ax.set_title(task)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, spec) if isinstance(value, (int, float, np.number)) else str(value)
+
+
+def _machine(machine: Any) -> str:
+    return ", ".join(f"{k}={v}" for k, v in machine.items()) if isinstance(machine, Mapping) else str(machine)
+
+
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return out + ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines]
+
+
+def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *, provenance: Mapping[str, Any],
+                 anchor_method: str = "mtfc", reference_method: str = "uncompressed") -> dict[str, Path]:
+    """Write ``results.csv``, ``results.json``, ``bd_rate.csv``, ``plots/<task>.png`` and ``report.md``
+    into ``out_dir``; return their paths (keys ``csv``, ``json``, ``bd_rate``, ``markdown``, ``plot/<task>``).
+
+    ``provenance`` needs the keys of :data:`PROVENANCE_KEYS` (see :func:`collect_provenance`).
+    """
+    missing = [k for k in PROVENANCE_KEYS if k not in provenance]
+    if missing:
+        raise ValueError(f"provenance lacks {missing}; build it with mtfc.evaluation.collect_provenance(...)")
+    by_task = _check_rows(rows)
+    bd_rows = bd_rate_table(rows, anchor_method=anchor_method, reference_method=reference_method)
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "results.csv", "json": out / "results.json", "bd_rate": out / "bd_rate.csv",
+             "markdown": out / "report.md"}
+
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**{k: row[k] for k in ROW_FIELDS if k != "all_metrics"},
+                             "all_metrics": json.dumps(_plain(row.get("all_metrics", {})))})
+    with open(paths["bd_rate"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=BD_FIELDS)
+        writer.writeheader()
+        writer.writerows(bd_rows)
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(_plain({"provenance": provenance, "rows": list(rows), "bd_rate": bd_rows}), f, indent=2,
+                  allow_nan=False)
+
+    md = ["# Rate–accuracy report", "",
+          f"Rate is bits per pixel of the whole transmitted file or bitstream (8 × bytes / (H × W) of the input "
+          f"image). BD-rate: bits {anchor_method} needs relative to the baseline at equal accuracy "
+          f"(negative = fewer); BD-metric: its accuracy difference at equal rate (Bjøntegaard, PCHIP on the "
+          f"upper envelope of each curve).", "", "## BD-rate", ""]
+    if bd_rows:
+        md += _table(["task", "metric", "baseline", f"BD-rate of {anchor_method} (%)", "BD-metric", "note"],
+                     [[b["task"], str(b["metric_name"]), b["baseline"], _fmt(b["bd_rate_percent"], "+.2f"),
+                       _fmt(b["bd_metric"], "+.4f"), b["note"]] for b in bd_rows])
+    else:
+        md.append("No baseline to compare with.")
+    for task, task_rows in by_task.items():
+        metric_name = str(task_rows[0]["metric_name"])
+        plot = out / "plots" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', task)}.png"
+        _plot(task, task_rows, plot, anchor_method, reference_method)
+        paths[f"plot/{task}"] = plot
+        methods = _method_order({str(r["method"]) for r in task_rows}, anchor_method, reference_method)
+        md += ["", f"## {task} ({metric_name})", ""]
+        md += _table(["method", "rate point", "bpp (mean ± std)", "bytes", metric_name, "encode ms/img",
+                      "decode ms/img", "images"],
+                     [[str(r["method"]), _fmt(r["rate_point"]), f"{_fmt(r['bpp_mean'])} ± {_fmt(r['bpp_std'], '.2g')}",
+                       _fmt(r["bytes_mean"], ".1f"), _fmt(r["metric"]), _fmt(r["encode_ms"], ".2f"),
+                       _fmt(r["decode_ms"], ".2f"), str(r["n_images"])] for m in methods for r in _curve(task_rows, m)])
+        md += ["", f"![{task}: rate vs {metric_name}]({plot.relative_to(out).as_posix()})"]
+
+    config = yaml.safe_dump(_plain(provenance["config"]), sort_keys=False, allow_unicode=True).rstrip()
+    md += ["", "## Provenance", "", f"- command: `{provenance['command']}`", f"- seed: {provenance['seed']}",
+           f"- timestamp: {provenance['timestamp']}", f"- machine: {_machine(provenance['machine'])}", "",
+           "Config:", "", "```yaml", config, "```", ""]
+    paths["markdown"].write_text("\n".join(md), encoding="utf-8")
+    return paths

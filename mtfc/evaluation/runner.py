@@ -1,0 +1,123 @@
+"""The rate–accuracy evaluation loop, independent of what produces the predictions.
+
+A *method* is a ``predict_fn(images, targets) -> BatchResult``: it sends the batch through its
+channel (mtfc's codec once for every head, an image codec for a baseline, nothing for the
+uncompressed reference) and returns each task's predictions, the bytes sent per image and the time
+spent encoding and decoding. :func:`evaluate_method` runs one method at one rate point over a loader
+and scores every task with that task's evaluator (``reset`` / ``process`` / ``evaluate``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from mtfc.head import Evaluator
+
+__all__ = ["BatchResult", "ROW_FIELDS", "bits_per_pixel", "raw_rgb_bytes", "evaluate_method"]
+
+#: the columns of a result row, in order (``all_metrics`` holds every number the evaluator returned)
+ROW_FIELDS = ("method", "rate_point", "task", "metric_name", "metric", "bpp_mean", "bpp_std", "bytes_mean",
+              "encode_ms", "decode_ms", "n_images", "all_metrics")
+
+
+class BatchResult(NamedTuple):
+    predictions: dict[str, list[Any]]  # task -> one prediction per image
+    num_bytes: list[int]               # bytes sent per image (whole bitstream / file)
+    encode_s: float                    # encoding time for the batch
+    decode_s: float                    # decoding time for the batch
+
+
+def bits_per_pixel(num_bytes: int, height: int, width: int) -> float:
+    """8 × bytes / (H × W) of the input image."""
+    return 8.0 * num_bytes / (height * width)
+
+
+def raw_rgb_bytes(images: torch.Tensor) -> list[int]:
+    """Size of each image stored as raw 8-bit RGB (3 bytes a pixel): the uncompressed reference's rate."""
+    b, c, h, w = images.shape
+    return [c * h * w] * b
+
+
+def _flatten(results: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """``{"bbox": {"AP": 1}}`` (Detectron2's nesting) -> ``{"bbox/AP": 1.0}``."""
+    flat: dict[str, float] = {}
+    for key, value in results.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "/"))
+        else:
+            flat[name] = float(value)
+    return flat
+
+
+def evaluate_method(predict_fn: Callable[[torch.Tensor, list[dict[str, Any]]], BatchResult],
+                    loader: Iterable[tuple[torch.Tensor, list[dict[str, Any]]]],
+                    evaluators: Mapping[str, Evaluator], *, method: str, rate_point: Any,
+                    metrics: Mapping[str, str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Run ``predict_fn`` on every ``(images, targets)`` batch of ``loader``; one result row per task.
+
+    ``metrics`` names each task's primary metric among the keys its evaluator returns (nested dicts
+    are flattened with ``/``, e.g. ``"bbox/AP"``); it may be left out for evaluators that return a
+    single number. Each row has the fields of :data:`ROW_FIELDS`: rate as bpp per image (mean and
+    population std over images), mean bytes, and encode/decode milliseconds per image.
+    """
+    if not evaluators:
+        raise ValueError("evaluate_method needs at least one task evaluator")
+    for evaluator in evaluators.values():
+        evaluator.reset()
+    bpp: list[float] = []
+    sizes: list[int] = []
+    encode_s = decode_s = 0.0
+    total = len(loader) if hasattr(loader, "__len__") else None
+    with torch.no_grad():
+        for images, targets in tqdm(loader, total=total, desc=f"{method} @ {rate_point}", disable=not progress):
+            if images.ndim != 4:
+                raise ValueError(f"loader must yield images of shape (B, 3, H, W); got {tuple(images.shape)}")
+            n, _, h, w = images.shape
+            if len(targets) != n:
+                raise ValueError(f"batch has {n} images but {len(targets)} targets")
+            result = predict_fn(images, targets)
+            if not isinstance(result, tuple) or len(result) != len(BatchResult._fields):
+                raise ValueError(f"method {method!r} must return a BatchResult (predictions, num_bytes, encode_s, "
+                                 f"decode_s); got {type(result).__name__}")
+            out = BatchResult(*result)
+            if len(out.num_bytes) != n:
+                raise ValueError(f"method {method!r} returned {len(out.num_bytes)} byte counts for {n} images")
+            missing = sorted(set(evaluators) - set(out.predictions))
+            if missing:
+                raise ValueError(f"method {method!r} returned no predictions for task(s) {missing}; "
+                                 f"got {sorted(out.predictions)}")
+            for task, evaluator in evaluators.items():
+                if len(out.predictions[task]) != n:
+                    raise ValueError(f"method {method!r} returned {len(out.predictions[task])} {task!r} "
+                                     f"predictions for {n} images")
+                evaluator.process(targets, out.predictions[task])
+            sizes.extend(int(s) for s in out.num_bytes)
+            bpp.extend(bits_per_pixel(int(s), h, w) for s in out.num_bytes)
+            encode_s += out.encode_s
+            decode_s += out.decode_s
+    if not bpp:
+        raise ValueError(f"the loader yielded no images for method {method!r}")
+
+    n_images = len(bpp)
+    shared = {"bpp_mean": float(np.mean(bpp)), "bpp_std": float(np.std(bpp)), "bytes_mean": float(np.mean(sizes)),
+              "encode_ms": 1000 * encode_s / n_images, "decode_ms": 1000 * decode_s / n_images, "n_images": n_images}
+    rows = []
+    for task, evaluator in evaluators.items():
+        results = _flatten(evaluator.evaluate() or {})
+        name = (metrics or {}).get(task)
+        if name is None:
+            if len(results) != 1:
+                raise ValueError(f"task {task!r}: name its primary metric (metrics={{{task!r}: ...}}); "
+                                 f"the evaluator returned {sorted(results)}")
+            name = next(iter(results))
+        if name not in results:
+            raise ValueError(f"task {task!r}: the evaluator returned no {name!r}; it returned {sorted(results)}")
+        rows.append({"method": method, "rate_point": rate_point, "task": task, "metric_name": name,
+                     "metric": results[name], **shared, "all_metrics": results})
+    return rows

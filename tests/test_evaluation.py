@@ -1,0 +1,294 @@
+"""mtfc.evaluation: Bjøntegaard deltas, Pillow baselines, the evaluation loop and the report."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mtfc.evaluation import (BatchResult, available_codecs, bd_metric, bd_rate, bd_rate_table, bits_per_pixel,
+                             codec_method, collect_provenance, evaluate_method, roundtrip, uncompressed_method,
+                             upper_envelope, write_report)
+
+RATE = [0.1, 0.2, 0.4, 0.8, 1.6]
+ACC = [0.42, 0.55, 0.63, 0.68, 0.70]
+
+
+# ---------------------------------------------------------------------------------------------- BD-rate
+def test_bd_rate_of_scaled_rate_is_the_scale():
+    assert bd_rate(RATE, ACC, [0.8 * r for r in RATE], ACC) == pytest.approx(-20.0, abs=1e-9)
+    assert bd_rate([0.8 * r for r in RATE], ACC, RATE, ACC) == pytest.approx(25.0, abs=1e-9)
+    assert bd_rate(RATE, ACC, RATE, ACC) == pytest.approx(0.0, abs=1e-12)
+    assert bd_metric(RATE, ACC, RATE, ACC) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_shifted_metric_on_a_log_linear_curve():
+    a, b, delta = 0.5, 0.08, 0.03  # metric = a + b ln(rate): PCHIP reproduces it exactly
+    rate = np.geomspace(0.05, 2.0, 6)
+    metric = a + b * np.log(rate)
+    assert bd_metric(rate, metric, rate, metric + delta) == pytest.approx(delta, abs=1e-12)
+    # the same accuracy is reached delta / b nats of log-rate earlier
+    assert bd_rate(rate, metric, rate, metric + delta) == pytest.approx((math.exp(-delta / b) - 1) * 100, abs=1e-9)
+
+
+def test_two_point_curves_are_linear_in_log_rate():
+    # anchor: ln r = ln 0.1 + (m − 0.5)/0.2 · ln 10; test: ln r = ln 0.2 + (m − 0.55)/0.2 · ln 2.
+    # Overlap [0.55, 0.7]; the difference is linear, so its mean is its value at m = 0.625.
+    expected = (math.exp((math.log(0.2) + 0.375 * math.log(2)) - (math.log(0.1) + 0.625 * math.log(10))) - 1) * 100
+    assert bd_rate([0.1, 1.0], [0.5, 0.7], [0.2, 0.4], [0.55, 0.75]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_envelope_drops_dominated_points_and_order_does_not_matter():
+    rate, metric = upper_envelope([0.4, 0.1, 0.3, 0.2, 0.5], [0.6, 0.3, 0.61, 0.5, 0.6])
+    assert rate.tolist() == [0.1, 0.2, 0.3] and metric.tolist() == [0.3, 0.5, 0.61]
+    test_rate, test_acc = [0.07, 0.15, 0.3, 0.6, 1.2], [0.45, 0.56, 0.64, 0.69, 0.71]
+    reference = bd_rate(RATE, ACC, test_rate, test_acc)
+    shuffled = [4, 0, 3, 1, 2]
+    assert bd_rate([RATE[i] for i in shuffled], [ACC[i] for i in shuffled], test_rate, test_acc) == reference
+    # a point that costs more for less accuracy changes nothing
+    assert bd_rate(RATE, ACC, test_rate + [2.0], test_acc + [0.5]) == reference
+    assert reference < 0
+
+
+def test_matches_scipy_pchip_reference():
+    interpolate = pytest.importorskip("scipy.interpolate")
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(20):
+        ra = np.sort(rng.uniform(0.05, 2, 5))
+        ma = np.sort(rng.uniform(0.3, 0.8, 5))
+        rt = np.sort(rng.uniform(0.05, 2, 4))
+        mt = np.sort(rng.uniform(0.3, 0.8, 4))
+        lo, hi = max(ma[0], mt[0]), min(ma[-1], mt[-1])
+        if hi > lo:
+            diff = (interpolate.PchipInterpolator(mt, np.log(rt)).integrate(lo, hi)
+                    - interpolate.PchipInterpolator(ma, np.log(ra)).integrate(lo, hi)) / (hi - lo)
+            assert bd_rate(ra, ma, rt, mt) == pytest.approx((math.exp(diff) - 1) * 100, rel=1e-9, abs=1e-9)
+            checked += 1
+        lo, hi = max(np.log(ra[0]), np.log(rt[0])), min(np.log(ra[-1]), np.log(rt[-1]))
+        if hi > lo:
+            diff = (interpolate.PchipInterpolator(np.log(rt), mt).integrate(lo, hi)
+                    - interpolate.PchipInterpolator(np.log(ra), ma).integrate(lo, hi)) / (hi - lo)
+            assert bd_metric(ra, ma, rt, mt) == pytest.approx(diff, rel=1e-9, abs=1e-12)
+            checked += 1
+    assert checked > 20
+
+
+@pytest.mark.parametrize("args, message", [
+    (([0.1], [0.5], RATE, ACC), "at least 2 points"),
+    (([0.1, 0.2], [0.6, 0.5], RATE, ACC), "at least 2 points"),  # the dearer point is dominated
+    ((RATE, ACC, [0.1, 0.2], [0.8, 0.9]), "do not overlap"),
+    ((RATE, ACC, [0.1, 0.2], [0.5]), "differ in length"),
+    ((RATE, ACC, [0.0, 0.2], [0.5, 0.6]), "positive"),
+    ((RATE, ACC, [0.1, 0.2], [0.5, float("nan")]), "finite"),
+])
+def test_bd_errors(args, message):
+    with pytest.raises(ValueError, match=message):
+        bd_rate(*args)
+    if message != "do not overlap":  # metric-overlap and rate-overlap differ for this pair
+        with pytest.raises(ValueError, match=message):
+            bd_metric(*args)
+
+
+# -------------------------------------------------------------------------------------------- baselines
+def _images(b: int = 2, h: int = 32, w: int = 48) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    smooth = torch.stack([xx, yy, (xx + yy) / 2])[None].repeat(b, 1, 1, 1)
+    return 0.95 * smooth + 0.05 * torch.rand(b, 3, h, w, generator=gen)
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(-10 * torch.log10(((a - b) ** 2).mean()))
+
+
+def test_jpeg_and_webp_are_available():
+    assert {"jpeg", "webp"} <= set(available_codecs())
+
+
+@pytest.mark.parametrize("codec", available_codecs())
+def test_roundtrip_counts_the_whole_file(codec):
+    images = _images()
+    high, low = roundtrip(images, codec, 95), roundtrip(images, codec, 5)
+    fmt = {"jpeg": "JPEG", "webp": "WEBP", "avif": "AVIF"}[codec]
+    for image, size in zip(images, high.num_bytes):
+        buffer = io.BytesIO()
+        Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(buffer, format=fmt, quality=95)
+        assert size == len(buffer.getvalue())
+        assert bits_per_pixel(size, 32, 48) == 8 * len(buffer.getvalue()) / (32 * 48)
+    assert high.images.shape == images.shape and high.images.dtype == torch.float32
+    assert 0 <= high.images.min() and high.images.max() <= 1
+    assert high.encode_s > 0 and high.decode_s > 0
+    assert _psnr(high.images, images) > 33 and _psnr(high.images, images) > _psnr(low.images, images) + 3
+    assert sum(low.num_bytes) < sum(high.num_bytes)
+
+
+def test_roundtrip_errors():
+    with pytest.raises(ValueError, match="unknown codec 'png'"):
+        roundtrip(_images(), "png", 90)
+    with pytest.raises(ValueError, match="quality"):
+        roundtrip(_images(), "jpeg", 101)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        roundtrip(torch.rand(3, 8, 8), "jpeg", 90)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+class Top1:
+    """A minimal evaluator following the protocol of mtfc.head.Evaluator."""
+
+    def reset(self):
+        self.hits, self.seen = 0, 0
+
+    def process(self, targets, predictions):
+        self.hits += sum(int(p == t["label"]) for p, t in zip(predictions, targets))
+        self.seen += len(targets)
+
+    def evaluate(self):
+        return {"top1": self.hits / self.seen}
+
+
+class Nested(Top1):
+    def evaluate(self):
+        return {"bbox": {"AP": 50.0, "AP50": 70.0}}
+
+
+def _loader(batches: int = 2, b: int = 2, h: int = 16, w: int = 16):
+    images = torch.rand(batches * b, 3, h, w, generator=torch.Generator().manual_seed(1))
+    return [(images[i * b:(i + 1) * b], [{"label": int(i * b + j) % 2} for j in range(b)]) for i in range(batches)]
+
+
+def test_evaluate_method_rates_timings_and_metrics():
+    def method(images, targets):  # right on even labels only; 100 or 300 bytes
+        return BatchResult({"cls": [0] * len(targets), "det": [None] * len(targets)}, [100, 300], 0.002, 0.004)
+
+    rows = evaluate_method(method, _loader(), {"cls": Top1(), "det": Nested()}, method="fake", rate_point=7,
+                           metrics={"det": "bbox/AP"}, progress=False)
+    assert [r["task"] for r in rows] == ["cls", "det"]
+    cls, det = rows
+    assert cls["metric_name"] == "top1" and cls["metric"] == 0.5
+    assert det["metric_name"] == "bbox/AP" and det["metric"] == 50.0 and det["all_metrics"]["bbox/AP50"] == 70.0
+    assert cls["bpp_mean"] == pytest.approx(8 * 200 / 256) and cls["bpp_std"] == pytest.approx(8 * 100 / 256)
+    assert cls["bytes_mean"] == 200 and cls["n_images"] == 4 and cls["rate_point"] == 7 and cls["method"] == "fake"
+    assert cls["encode_ms"] == pytest.approx(1.0) and cls["decode_ms"] == pytest.approx(2.0)
+
+
+def test_evaluate_method_errors():
+    def method(images, targets):
+        return BatchResult({"cls": [0] * len(targets)}, [1] * len(targets), 0.0, 0.0)
+
+    with pytest.raises(ValueError, match=r"no predictions for task\(s\) \['det'\]"):
+        evaluate_method(method, _loader(), {"cls": Top1(), "det": Nested()}, method="m", rate_point=1, progress=False)
+    with pytest.raises(ValueError, match="primary metric"):
+        evaluate_method(lambda i, t: BatchResult({"det": [0] * len(t)}, [1] * len(t), 0, 0), _loader(),
+                        {"det": Nested()}, method="m", rate_point=1, progress=False)
+    with pytest.raises(ValueError, match="3 byte counts for 2 images"):
+        evaluate_method(lambda i, t: BatchResult({"cls": [0, 0]}, [1, 1, 1], 0, 0), _loader(), {"cls": Top1()},
+                        method="m", rate_point=1, progress=False)
+    with pytest.raises(ValueError, match="no images"):
+        evaluate_method(method, [], {"cls": Top1()}, method="m", rate_point=1, progress=False)
+
+
+def test_baseline_methods_feed_the_loop():
+    seen = []
+
+    def model(images, targets):  # a reference "model": records what it was given
+        seen.append(images)
+        return [0] * len(targets)
+
+    loader = _loader(h=32, w=32)
+    raw = evaluate_method(uncompressed_method({"cls": model}), loader, {"cls": Top1()}, method="uncompressed",
+                          rate_point=None, progress=False)[0]
+    assert raw["bpp_mean"] == 24.0 and raw["bpp_std"] == 0.0 and raw["metric"] == 0.5
+    assert seen[0] is loader[0][0]
+    jpeg = evaluate_method(codec_method("jpeg", 50, {"cls": model}), loader, {"cls": Top1()}, method="jpeg",
+                           rate_point=50, progress=False)[0]
+    sizes = [n for images, _ in loader for n in roundtrip(images, "jpeg", 50).num_bytes]
+    assert jpeg["bytes_mean"] == pytest.approx(np.mean(sizes))
+    assert jpeg["bpp_mean"] == pytest.approx(np.mean([8 * n / (32 * 32) for n in sizes]))
+    assert not torch.equal(seen[-1], loader[-1][0])  # the model saw the decoded images
+
+
+# --------------------------------------------------------------------------------------------- report
+def _row(method, point, task, metric, bpp, name):
+    return {"method": method, "rate_point": point, "task": task, "metric_name": name, "metric": metric,
+            "bpp_mean": bpp, "bpp_std": 0.1 * bpp, "bytes_mean": bpp * 1024 / 8, "encode_ms": 1.5, "decode_ms": 2.5,
+            "n_images": 8, "all_metrics": {name: metric}}
+
+
+MTFC = {"classification": ([0.05, 0.15, 0.4], [0.60, 0.68, 0.71]), "segmentation": ([0.05, 0.15, 0.4], [0.40, 0.48, 0.51])}
+JPEG = {"classification": ([0.25, 0.6, 1.2], [0.58, 0.67, 0.71]), "segmentation": ([0.25, 0.6, 1.2], [0.41, 0.47, 0.52])}
+REF = {"classification": 0.72, "segmentation": 0.52}
+NAME = {"classification": "top1", "segmentation": "mIoU"}
+
+
+def _rows():
+    rows = []
+    for task in MTFC:
+        rows += [_row("mtfc", beta, task, m, r, NAME[task]) for beta, r, m in zip([0.01, 0.1, 1], *MTFC[task])]
+        rows += [_row("jpeg", q, task, m, r, NAME[task]) for q, r, m in zip([10, 50, 90], *JPEG[task])]
+        rows.append(_row("webp", 75, task, 0.5, 0.4, NAME[task]))  # one point: no curve
+        rows.append(_row("uncompressed", None, task, REF[task], 24.0, NAME[task]))
+    return rows
+
+
+def test_write_report(tmp_path):
+    rows = _rows()
+    provenance = collect_provenance(config={"codec": "runs/codec.pt", "qualities": [10, 50, 90]}, seed=3,
+                                    device="cpu", command="mtfc evaluate --config configs/demo.yaml")
+    paths = write_report(rows, tmp_path / "out", provenance=provenance)
+
+    with open(paths["csv"], newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) == 16
+    assert {(r["method"], r["task"]) for r in table} >= {("mtfc", "segmentation"), ("uncompressed", "classification")}
+    assert json.loads(table[0]["all_metrics"]) == {"top1": 0.6}
+
+    data = json.loads(paths["json"].read_text())
+    assert len(data["rows"]) == 16 and data["provenance"]["seed"] == 3
+    assert data["rows"][-1]["rate_point"] is None and data["provenance"]["machine"]["device"] == "cpu"
+
+    expected = {task: bd_rate(*JPEG[task], *MTFC[task]) for task in MTFC}
+    bd = {(b["task"], b["baseline"]): b for b in data["bd_rate"]}
+    assert set(bd) == {(t, m) for t in MTFC for m in ("jpeg", "webp")}
+    for task in MTFC:
+        assert bd[(task, "jpeg")]["bd_rate_percent"] == pytest.approx(expected[task])
+        assert bd[(task, "jpeg")]["bd_metric"] == pytest.approx(bd_metric(*JPEG[task], *MTFC[task]))
+        assert bd[(task, "webp")]["bd_rate_percent"] is None and "'webp' has 1 point(s)" in bd[(task, "webp")]["note"]
+        assert bd[(task, "jpeg")]["note"] == ""
+        assert expected[task] < 0  # mtfc reaches the same accuracy with fewer bits here
+    with open(paths["bd_rate"], newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+    for task in MTFC:
+        with Image.open(paths[f"plot/{task}"]) as png:
+            assert png.format == "PNG" and png.width > 300
+
+    md = paths["markdown"].read_text()
+    for task in MTFC:
+        assert f"| {task} | {NAME[task]} | jpeg | {expected[task]:+.2f} |" in md
+        assert f"](plots/{task}.png)" in md
+    assert "| uncompressed | n/a | 24 ± 2.4 |" in md
+    assert "`mtfc evaluate --config configs/demo.yaml`" in md and "- seed: 3" in md
+    assert "codec: runs/codec.pt" in md and "torch=" in md and provenance["timestamp"] in md
+
+
+def test_report_errors(tmp_path):
+    provenance = collect_provenance(config=None, seed=0, device="cpu")
+    with pytest.raises(ValueError, match=r"provenance lacks \['seed'\]"):
+        write_report(_rows(), tmp_path, provenance={k: v for k, v in provenance.items() if k != "seed"})
+    mixed = _rows() + [_row("jpeg", 95, "classification", 0.7, 2.0, "top5")]
+    with pytest.raises(ValueError, match="mixes metrics"):
+        write_report(mixed, tmp_path, provenance=provenance)
+    with pytest.raises(ValueError, match=r"row 0 lacks \['bpp_mean'\]"):
+        write_report([{k: v for k, v in _rows()[0].items() if k != "bpp_mean"}], tmp_path, provenance=provenance)
+    assert bd_rate_table(_rows(), anchor_method="absent")[0]["note"] == "no 'absent' results"
+    # same accuracies, disjoint rates: a BD-rate but no BD-metric
+    far = [_row("far", q, "classification", m, r, "top1") for q, r, m in zip([1, 2], [5.0, 10.0], [0.6, 0.7])]
+    entry = {b["baseline"]: b for b in bd_rate_table(_rows() + far)}["far"]
+    assert entry["bd_rate_percent"] < -90 and entry["bd_metric"] is None
+    assert entry["note"].startswith("bd_metric (anchor far, test mtfc): the curves do not overlap in log-rate")
