@@ -1,0 +1,123 @@
+"""albumentations pipelines that keep an image, its boxes, instance masks and semantic mask consistent.
+
+One train pipeline (random resized crop, horizontal flip, colour jitter) and one deterministic eval
+pipeline (resize the longest side, pad bottom/right). Boxes travel through albumentations as
+``pascal_voc`` with their instance index as label field; boxes that vanish are dropped together with
+their masks. Where instance masks exist, each box is then re-tightened around its transformed mask
+(the COCO definition of a segmented object's box), and instances whose mask vanished are dropped.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import torch
+
+IGNORE_INDEX = 255
+"""Semantic-mask value of pixels that count as no class (padding, boundaries)."""
+
+
+def size_hw(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``image_size`` as (H, W): an int is a square."""
+    if isinstance(image_size, int):
+        height = width = image_size
+    else:
+        height, width = (int(v) for v in image_size)
+    if height < 1 or width < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    return height, width
+
+
+def build_transforms(image_size: int | tuple[int, int], *, train: bool, scale: tuple[float, float] = (0.5, 1.0),
+                     hflip: float = 0.5, color_jitter: float = 0.2, seed: int | None = None) -> A.Compose:
+    """The albumentations pipeline: ``train`` → RandomResizedCrop + HorizontalFlip + ColorJitter to
+    ``image_size``; eval → LongestMaxSize (padding follows in :class:`SampleTransform`)."""
+    height, width = size_hw(image_size)
+    if train:
+        steps = [A.RandomResizedCrop(size=(height, width), scale=tuple(scale), ratio=(3 / 4, 4 / 3)),
+                 A.HorizontalFlip(p=hflip)]
+        if color_jitter > 0:
+            steps.append(A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter,
+                                       hue=color_jitter / 4, p=0.8))
+    else:
+        steps = [A.LongestMaxSize(max_size_hw=(height, width))]
+    return A.Compose(steps, bbox_params=bbox_params(), seed=seed)
+
+
+def bbox_params() -> A.BboxParams:
+    """How boxes travel: pascal_voc pixels, the instance index as label field (to drop the masks of
+    vanished boxes), clipped to the image, dropped below one pixel of width, height or area."""
+    return A.BboxParams(format="pascal_voc", label_fields=["instance_ids"], min_area=1.0, min_width=1.0,
+                        min_height=1.0, clip=True)
+
+
+class SampleTransform:
+    """Apply :func:`build_transforms` to one numpy sample and return tensors in mtfc's target format.
+
+    A sample is a dict with ``image`` (uint8 (H, W, 3) RGB) and optionally ``boxes`` (float (N, 4)
+    XYXY pixels), ``classes`` (N,), ``masks`` (uint8 (N, H, W)) and ``sem_seg`` (uint8 (H, W)).
+    """
+
+    def __init__(self, image_size: int | tuple[int, int], *, train: bool, **augment: Any) -> None:
+        self.size = size_hw(image_size)
+        self.compose = build_transforms(self.size, train=train, **augment)
+        self._worker_seed: int | None = None
+
+    def __call__(self, sample: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, Any]]:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.seed != self._worker_seed:
+            # DataLoader workers start from copies of one random state: give each its own stream,
+            # derived from torch's per-worker seed (new every epoch; fixed by torch.manual_seed).
+            self._worker_seed = worker.seed
+            self.compose.set_random_seed(worker.seed % 2**32)
+        data: dict[str, Any] = {"image": sample["image"]}
+        has_boxes, has_masks = "boxes" in sample, "masks" in sample
+        count = len(sample["boxes"]) if has_boxes else 0
+        data["bboxes"] = np.asarray(sample["boxes"], np.float32).reshape(-1, 4) if has_boxes else np.zeros((0, 4))
+        data["instance_ids"] = np.arange(count)
+        if has_masks and count:
+            data["masks"] = np.asarray(sample["masks"], np.uint8)
+        if "sem_seg" in sample:
+            data["mask"] = sample["sem_seg"]
+        out = self.compose(**data)
+
+        keep = np.asarray(out["instance_ids"], np.int64).reshape(-1)
+        boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
+        height, width = out["image"].shape[:2]
+        targets: dict[str, Any] = {}
+        if has_masks:
+            masks = np.asarray(out["masks"], np.uint8)[keep] if count else np.zeros((0, height, width), np.uint8)
+            nonempty = masks.reshape(len(masks), -1).any(axis=1)
+            keep, masks = keep[nonempty], masks[nonempty]
+            boxes = _tight_boxes(masks)
+            targets["masks"] = self._pad(masks, 0, leading=1)
+        if has_boxes:
+            targets["boxes"] = boxes
+            targets["classes"] = np.asarray(sample["classes"], np.int64).reshape(-1)[keep]
+        if "sem_seg" in sample:
+            targets["sem_seg"] = self._pad(out["mask"], IGNORE_INDEX)
+        image = self._pad(out["image"], 0)
+        tensors = {"boxes": torch.float32, "classes": torch.int64, "masks": torch.uint8, "sem_seg": torch.int64}
+        targets = {k: torch.as_tensor(np.ascontiguousarray(v), dtype=tensors[k]) for k, v in targets.items()}
+        image_tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        return image_tensor, targets
+
+    def _pad(self, array: np.ndarray, fill: int, leading: int = 0) -> np.ndarray:
+        """Pad bottom/right to the configured size (box coordinates stay valid); the spatial axes
+        start after ``leading`` axes."""
+        height, width = self.size
+        h, w = array.shape[leading:leading + 2]
+        if (h, w) == (height, width):
+            return array
+        pad = [(0, 0)] * leading + [(0, height - h), (0, width - w)] + [(0, 0)] * (array.ndim - leading - 2)
+        return np.pad(array, pad, constant_values=fill)
+
+
+def _tight_boxes(masks: np.ndarray) -> np.ndarray:
+    """XYXY pixel boxes just enclosing each (non-empty) mask: pixel (r, c) covers [c, c+1) x [r, r+1)."""
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for i, mask in enumerate(masks):
+        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    return boxes
