@@ -1,0 +1,56 @@
+"""Image classification on the shared latent, distilled from the teacher (Entropic Student, stage 2)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtfc.head import HEADS, Head, LatentResNet, Targets
+from mtfc.metrics import ClassificationEvaluator
+
+
+@HEADS.register("classification")
+class ClassificationHead(Head):
+    """Decoder → the teacher's ``layer2..layer4`` → pooled linear classifier.
+
+    Trained with cross-entropy on the labels plus, when the batch carries ``"teacher_logits"``,
+    Hinton's KL distillation at ``temperature`` (weight ``alpha``; the engine adds the teacher's logits).
+    In eval mode it returns one logits vector per image.
+    """
+
+    task = "classification"
+    metric = "top1"
+    required_targets = ("label",)
+
+    def __init__(self, latent_channels: int | None, num_classes: int, arch: str = "resnet18",
+                 hidden_channels: int = 96, temperature: float = 4.0, alpha: float = 0.5) -> None:
+        super().__init__()
+        self.num_classes, self.temperature, self.alpha = num_classes, temperature, alpha
+        self.trunk = LatentResNet(latent_channels, arch, hidden_channels)
+        self.fc = nn.Linear(self.trunk.channels["layer4"], num_classes)
+
+    def init_from_teacher(self, teacher: nn.Module) -> None:
+        super().init_from_teacher(teacher)
+        if teacher.fc.out_features == self.num_classes:
+            self.fc.load_state_dict(teacher.fc.state_dict())
+
+    def forward(self, latent: torch.Tensor, targets: Targets | None = None) -> Any:
+        logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(self.trunk(latent)["layer4"], 1), 1))
+        if not self.training:
+            return list(logits)
+        labels = torch.as_tensor([int(t["label"]) for t in targets], device=logits.device)
+        losses = {"loss_ce": (1 - self.alpha) * F.cross_entropy(logits, labels)}
+        if "teacher_logits" in targets[0]:
+            T = self.temperature
+            teacher = torch.stack([t["teacher_logits"] for t in targets])
+            kl = F.kl_div(F.log_softmax(logits / T, 1), F.log_softmax(teacher / T, 1), reduction="batchmean",
+                          log_target=True)
+            losses["loss_kd"] = self.alpha * T * T * kl
+        else:
+            losses["loss_ce"] = F.cross_entropy(logits, labels)
+        return losses
+
+    def build_evaluator(self, dataset: Any = None) -> ClassificationEvaluator:
+        return ClassificationEvaluator(self.num_classes)

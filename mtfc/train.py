@@ -1,0 +1,202 @@
+"""What gets trained, as tasks for the one engine (:func:`mtfc.engine.fit`).
+
+* :class:`TeacherTask` — the teacher classifier (cross-entropy), for the offline default.
+* :class:`BottleneckTask` — stage 1: codec + rate, distilled from the frozen teacher at several stages.
+* :class:`HeadTask` — stage 2: one head on the frozen codec's hard-quantized latent.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mtfc.codec import Codec, load_codec, save_codec
+from mtfc.engine import fit
+from mtfc.head import Head
+from mtfc.metrics import ClassificationEvaluator
+from mtfc.model import MultiTaskModel, save_head
+from mtfc.teacher import STAGES, build_teacher, normalize, run_stages, save_teacher, stage_channels, teacher_taps
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    return module.requires_grad_(False).eval()
+
+
+def bits_per_pixel(likelihoods: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """Estimated rate, −Σ log2 p / (B·H·W): bits per *input pixel*, the unit bitstreams are measured in."""
+    B, _, H, W = images.shape
+    return sum(-torch.log2(p).sum() for p in likelihoods.values()) / (B * H * W)
+
+
+class TeacherTask(nn.Module):
+    def __init__(self, teacher: nn.Module, lr: float = 1e-3, weight_decay: float = 1e-4) -> None:
+        super().__init__()
+        self.teacher, self.lr, self.weight_decay = teacher, lr, weight_decay
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        labels = torch.as_tensor([t["label"] for t in targets], device=images.device)
+        logits = self.teacher(normalize(images))
+        return {"loss": F.cross_entropy(logits, labels), "acc": (logits.argmax(1) == labels).float().mean()}
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"loss": torch.optim.AdamW(self.teacher.parameters(), self.lr, weight_decay=self.weight_decay)}
+
+    @torch.no_grad()
+    def validate(self, loader: DataLoader) -> dict[str, float]:
+        ev = ClassificationEvaluator(self.teacher.fc.out_features)
+        for images, targets in loader:
+            ev.process(targets, list(self.teacher(normalize(images))))
+        return ev.evaluate()
+
+
+class BottleneckTask(nn.Module):
+    """Stage 1: ``Σ_s MSE(student_s, teacher_s) + β · bpp`` plus the entropy model's aux loss.
+
+    The student is the codec's encoder → entropy model → decoder, followed by the frozen teacher's
+    ``layer2..layer4`` and classifier; ``stages`` are the taps distilled (``"logits"`` allowed).
+    """
+
+    def __init__(self, codec: Codec, teacher: nn.Module, beta: float, stages: Sequence[str] = STAGES,
+                 lr: float = 1e-3, aux_lr: float = 1e-3) -> None:
+        super().__init__()
+        self.codec, self.teacher = codec, _frozen(teacher)
+        self.beta, self.stages, self.lr, self.aux_lr = beta, tuple(stages), lr, aux_lr
+
+    def train(self, mode: bool = True) -> BottleneckTask:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        images = batch[0]
+        with torch.no_grad():
+            target = teacher_taps(self.teacher, images)
+        out = self.codec(images)
+        student = {"layer1": out["features"], **run_stages(self.teacher, out["features"])}
+        distill = sum(F.mse_loss(student[s], target[s]) for s in self.stages)
+        bpp = bits_per_pixel(out["likelihoods"], images)
+        return {"loss": distill + self.beta * bpp, "aux_loss": self.codec.aux_loss(), "distill": distill, "bpp": bpp}
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        main = [p for n, p in self.codec.named_parameters() if not n.endswith(".quantiles")]
+        aux = [p for n, p in self.codec.named_parameters() if n.endswith(".quantiles")]
+        return {"loss": torch.optim.Adam(main, self.lr), "aux_loss": torch.optim.Adam(aux, self.aux_lr)}
+
+    @torch.no_grad()
+    def validate(self, loader: DataLoader) -> dict[str, float]:
+        """Estimated bpp, distillation loss and the student's top-1 (noise-free, the codec in eval mode)."""
+        ev = ClassificationEvaluator(self.teacher.fc.out_features)
+        bpp = distill = n = 0.0
+        for images, targets in loader:
+            target = teacher_taps(self.teacher, images)
+            out = self.codec(images)
+            student = {"layer1": out["features"], **run_stages(self.teacher, out["features"])}
+            distill += float(sum(F.mse_loss(student[s], target[s]) for s in self.stages)) * len(images)
+            bpp += float(bits_per_pixel(out["likelihoods"], images)) * len(images)
+            n += len(images)
+            ev.process(targets, list(student["logits"]))
+        return {"bpp_est": bpp / n, "distill": distill / n, **{f"student_{k}": v for k, v in ev.evaluate().items()}}
+
+
+class HeadTask(nn.Module):
+    """Stage 2: one head trained on the frozen codec's hard-quantized latent, exactly as the server sees it.
+
+    ``codec=None`` trains a reference head on the images themselves. With a ``teacher``, each target
+    also carries ``"teacher_logits"`` (for heads that distil).
+    """
+
+    def __init__(self, codec: Codec | None, head: Head, teacher: nn.Module | None = None, lr: float = 1e-3,
+                 weight_decay: float = 1e-4) -> None:
+        super().__init__()
+        self.codec = _frozen(codec) if codec is not None else None
+        self.head = head
+        self.teacher = _frozen(teacher) if teacher is not None else None
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def train(self, mode: bool = True) -> HeadTask:
+        super().train(mode)
+        for frozen in (self.codec, self.teacher):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """What the head consumes: ŷ (as decoded on the server), or the images for a reference head."""
+        return images if self.codec is None else self.codec.quantize(images)
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        latent = self.inputs(images)
+        if self.teacher is not None:
+            with torch.no_grad():
+                logits = self.teacher(normalize(images))
+            targets = [{**t, "teacher_logits": lg} for t, lg in zip(targets, logits)]
+        losses = self.head(latent, targets)
+        return {"loss": sum(losses.values()), **losses}
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"loss": torch.optim.AdamW(self.head.parameters(), self.lr, weight_decay=self.weight_decay)}
+
+    @torch.no_grad()
+    def validate(self, loader: DataLoader) -> dict[str, float]:
+        ev = self.head.build_evaluator(loader.dataset)
+        ev.reset()
+        for images, targets in loader:
+            ev.process(targets, self.head(self.inputs(images), targets))
+        return ev.evaluate()
+
+
+# -- the three training stages as functions --------------------------------------------------------
+def _fit(task: nn.Module, train_set: Dataset, **kwargs: Any) -> dict[str, Any]:
+    from mtfc.data import collate
+
+    return fit(task, train_set, **{"collate_fn": collate, **kwargs})
+
+
+def train_teacher(train_set: Dataset, val_set: Dataset | None, *, arch: str, num_classes: int,
+                  out_dir: str | Path, weights: str | None = None, lr: float = 1e-3, **fit_kwargs: Any) -> Path:
+    """Train (or fine-tune from ``weights``) a teacher; returns the path of ``teacher.pt``."""
+    out = Path(out_dir)
+    teacher = build_teacher(arch, num_classes, weights)
+    history = _fit(TeacherTask(teacher, lr), train_set, val_set=val_set, out_dir=out, **fit_kwargs)
+    save_teacher(teacher, arch, out / "teacher.pt", history=history)
+    return out / "teacher.pt"
+
+
+def train_bottleneck(train_set: Dataset, val_set: Dataset | None, teacher: nn.Module, *, arch: str,
+                     beta: float, out_dir: str | Path, codec: dict[str, Any] | None = None, stages: Sequence[str] = STAGES,
+                     lr: float = 1e-3, aux_lr: float = 1e-3, **fit_kwargs: Any) -> Path:
+    """Stage 1 for one β: train, freeze and export ``codec.pt``; returns its path."""
+    out = Path(out_dir)
+    model = Codec(**{"out_channels": stage_channels(arch)["layer1"], **(codec or {})})
+    task = BottleneckTask(model, teacher, beta, stages, lr, aux_lr)
+    history = _fit(task, train_set, val_set=val_set, out_dir=out, **fit_kwargs)
+    model.freeze()
+    model.meta = {"beta": beta, "teacher_arch": arch, "stages": list(stages), "history": history}
+    return save_codec(model, out / "codec.pt")
+
+
+def train_head(model: MultiTaskModel, name: str, train_set: Dataset, *, out_dir: str | Path,
+               **kwargs: Any) -> dict[str, Any]:
+    """Fine-tune the head ``name`` attached to ``model`` on its frozen codec; see :func:`fit_head`."""
+    return fit_head(model.heads[name], train_set, codec=model.codec, out_dir=out_dir, **kwargs)
+
+
+def fit_head(head: Head, train_set: Dataset, *, codec: Codec | None, out_dir: str | Path,
+             val_set: Dataset | None = None, teacher: nn.Module | None = None, lr: float = 1e-3,
+             weight_decay: float = 1e-4, **fit_kwargs: Any) -> dict[str, Any]:
+    """Train ``head`` on ``codec``'s hard-quantized latent (``codec=None``: a reference head on pixels)
+    with the engine; saves ``head.pt`` (with the codec's fingerprint) in ``out_dir``.
+
+    Returns the engine's history (per-epoch losses and the head evaluator's metrics).
+    """
+    out = Path(out_dir)
+    task = HeadTask(codec, head, teacher, lr, weight_decay)
+    history = _fit(task, train_set, val_set=val_set, out_dir=out, **fit_kwargs)
+    save_head(head, out / "head.pt", codec.fingerprint if codec is not None else None, history=history)
+    return history
