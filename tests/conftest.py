@@ -7,8 +7,13 @@ torch.set_num_threads(2)
 
 
 def tiny_codec(kind: str = "factorized", seed: int = 0) -> Codec:
+    """An untrained, frozen codec whose latent still carries the image: the encoder's last layer is
+    scaled up so that rounding to integers keeps a few levels per element (a trained codec learns that)."""
     torch.manual_seed(seed)
-    return Codec(kind=kind, latent_channels=8, hidden_channels=16, out_channels=64).freeze()
+    codec = Codec(kind=kind, latent_channels=8, hidden_channels=16, out_channels=64)
+    with torch.no_grad():
+        codec.g_a[-1].weight.mul_(20)
+    return codec.freeze()
 
 
 @pytest.fixture(params=["factorized", "hyperprior"])

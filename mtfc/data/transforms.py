@@ -88,7 +88,7 @@ class SampleTransform:
         targets: dict[str, Any] = {}
         if has_masks:
             masks = np.asarray(out["masks"], np.uint8)[keep] if count else np.zeros((0, height, width), np.uint8)
-            nonempty = masks.reshape(len(masks), -1).any(axis=1)
+            nonempty = masks.any(axis=(1, 2))
             keep, masks = keep[nonempty], masks[nonempty]
             boxes = _tight_boxes(masks)
             targets["masks"] = self._pad(masks, 0, leading=1)
