@@ -7,13 +7,13 @@ import torch
 
 
 class ClassificationEvaluator:
-    """Top-1 (and top-5 when there are at least 5 classes) accuracy in percent.
+    """Top-1 (and top-5 when there are more than 5 classes; with 5 it is always 100) accuracy in percent.
 
     ``process(targets, predictions)``: each prediction is a logits vector, each target has ``"label"``.
     """
 
     def __init__(self, num_classes: int) -> None:
-        self.ks = (1, 5) if num_classes >= 5 else (1,)
+        self.ks = (1, 5) if num_classes > 5 else (1,)
         self.reset()
 
     def reset(self) -> None:

@@ -3,7 +3,7 @@ import torch
 
 from mtfc.codec import Codec
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # pytest -n 2 runs two workers on the two cores
 
 
 def tiny_codec(kind: str = "factorized", seed: int = 0) -> Codec:

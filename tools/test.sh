@@ -5,6 +5,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/tools/setup.sh" --dev
 cd "$root"
+export OMP_WAIT_POLICY=PASSIVE  # two pytest workers share the cores: idle OpenMP threads must not spin
 set +e
 .venv/bin/python -m pytest -n 2 --dist loadfile "$@" tests
 rc=$?

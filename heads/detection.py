@@ -1,0 +1,332 @@
+"""Object detection on the shared latent: Detectron2's Faster R-CNN (FPN) with a backbone that starts from ŷ.
+
+The server decodes the bitstream to ŷ (stride 4); the head's :class:`LatentBackbone` turns it into
+``layer1..layer4`` features (mtfc's :class:`~mtfc.head.LatentResNet`: decoder + the teacher's ResNet
+stages) and Detectron2's :class:`~detectron2.modeling.backbone.FPN` builds ``p2..p6`` on top. Their
+builder is registered in Detectron2's ``BACKBONE_REGISTRY`` (``build_mtfc_latent_fpn_backbone``), so the
+detector itself is an ordinary ``GeneralizedRCNN`` built by ``detectron2.modeling.build_model``
+(RPN + ``StandardROIHeads`` + ``FastRCNNConvFCHead``) from a Detectron2 config. The head calls the
+detector's components itself (backbone on ŷ, proposal generator, ROI heads), because
+``GeneralizedRCNN.forward`` expects pixels.
+
+Pixel statistics: Detectron2 normally normalises pixels (``MODEL.PIXEL_MEAN``/``PIXEL_STD``, BGR) in
+``GeneralizedRCNN.preprocess_image``. This head never calls it: on ŷ the codec has already
+normalised the image (:func:`mtfc.teacher.normalize` inside :meth:`mtfc.Codec.quantize`), and the
+reference detector on pixels (``latent_channels=None``) normalises in its trunk with the same
+function. The config sets the Detectron2 constants to identity (mean 0, std 1, RGB) to say so.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.evaluation import COCOEvaluator
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone, build_model
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import EventStorage
+
+from mtfc.codec import Codec
+from mtfc.head import HEADS, Head, LatentResNet, Targets
+from mtfc.teacher import STAGES
+
+with warnings.catch_warnings():  # detectron2.model_zoo imports pkg_resources, which setuptools deprecates
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    from detectron2 import model_zoo
+
+#: The Detectron2 model-zoo config every detection head starts from (then :func:`detectron2_config` overrides).
+BASE_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"
+#: The keys :class:`DetectionEvaluator` returns: COCO box AP in percent, as Detectron2 reports it.
+AP_KEYS = ("AP", "AP50", "AP75")
+
+
+class LatentBackbone(Backbone):
+    """Detectron2 bottom-up backbone on ŷ (or, with ``latent_channels=None``, on RGB images in [0, 1]).
+
+    Outputs ``layer1..layer4`` of a :class:`~mtfc.head.LatentResNet`; ``output_shape()`` strides are
+    relative to the input *image* (4, 8, 16, 32), whichever of ŷ or pixels the backbone consumes.
+    """
+
+    def __init__(self, latent_channels: int | None, arch: str = "resnet18", hidden_channels: int = 96) -> None:
+        super().__init__()
+        self.trunk = LatentResNet(latent_channels, arch, hidden_channels)
+        self._out_features = list(self.trunk.stages)
+        self._out_feature_channels = dict(self.trunk.channels)
+        self._out_feature_strides = dict(self.trunk.strides)
+
+    @property
+    def input_stride(self) -> int:
+        """Image pixels per input position: 4 on ŷ, 1 on pixels."""
+        return 1 if self.trunk.on_pixels else Codec.latent_stride
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.trunk(x)
+
+
+@BACKBONE_REGISTRY.register()
+def build_mtfc_latent_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
+    """:class:`LatentBackbone` + Detectron2's FPN (``LastLevelMaxPool`` adds ``p6``), as
+    ``build_resnet_fpn_backbone`` does for pixels.
+
+    Reads ``cfg.MODEL.MTFC.{LATENT_CHANNELS, ARCH, HIDDEN_CHANNELS}`` and ``cfg.MODEL.FPN``. The
+    input is ŷ, so ``input_shape`` (Detectron2 derives it from ``len(MODEL.PIXEL_MEAN)``) is unused.
+    """
+    mtfc = cfg.MODEL.MTFC
+    return FPN(bottom_up=LatentBackbone(mtfc.LATENT_CHANNELS, mtfc.ARCH, mtfc.HIDDEN_CHANNELS),
+               in_features=cfg.MODEL.FPN.IN_FEATURES, out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+               norm=cfg.MODEL.FPN.NORM, top_block=LastLevelMaxPool(), fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
+
+
+def default_anchor_sizes(image_size: int | Sequence[int]) -> list[int]:
+    """One anchor size per FPN level (p2..p6): Detectron2's COCO sizes (32..512) for images of 256 px
+    and more, halved per halving of the shorter side (64 px → 8..128), never below 4."""
+    side = min(_size_hw(image_size))
+    base = min(32, max(4, 2 ** round(math.log2(side / 8))))
+    return [base * 2**i for i in range(5)]
+
+
+def detectron2_config(num_classes: int, latent_channels: int | None, *, arch: str = "resnet18",
+                      hidden_channels: int = 96, image_size: int | Sequence[int] = 64, fpn_channels: int = 128,
+                      fc_dim: int = 256, proposals: int = 100, rois_per_image: int = 64,
+                      anchor_sizes: Sequence[int] | None = None, overrides: Sequence[Any] | None = None) -> CfgNode:
+    """The Detectron2 config of a detection head: :data:`BASE_CONFIG` from the model zoo, with the
+    mtfc backbone (``cfg.MODEL.MTFC``), ``num_classes``, no pretrained weights, identity pixel
+    statistics (see the module docstring), and:
+
+    * ``anchor_sizes``: one size per FPN level, default :func:`default_anchor_sizes` of ``image_size``;
+    * speed knobs sized for small images (Detectron2's COCO values in brackets): ``fpn_channels``
+      (256), ``fc_dim`` of the box head's two FC layers (1024), ``proposals`` kept per image after
+      the RPN's NMS (1000; twice as many before it), ``rois_per_image`` sampled for the box losses (512);
+    * finally ``overrides``, a flat ``[KEY, value, ...]`` list for ``CfgNode.merge_from_list``.
+    """
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(BASE_CONFIG))
+    cfg.MODEL.MTFC = CfgNode({"LATENT_CHANNELS": latent_channels, "ARCH": arch, "HIDDEN_CHANNELS": hidden_channels})
+    cfg.MODEL.BACKBONE.NAME = build_mtfc_latent_fpn_backbone.__name__
+    cfg.MODEL.FPN.IN_FEATURES = list(STAGES)
+    cfg.MODEL.FPN.OUT_CHANNELS = fpn_channels
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = "cpu"  # built on the CPU like any nn.Module; .to(device) moves it
+    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.INPUT.FORMAT = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], "RGB"
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[s] for s in (anchor_sizes or default_anchor_sizes(image_size))]
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 2 * proposals
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = cfg.MODEL.RPN.POST_NMS_TOPK_TEST = proposals
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = rois_per_image
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = fc_dim
+    if overrides:
+        try:
+            cfg.merge_from_list(list(overrides))
+        except (AssertionError, KeyError, ValueError) as e:  # yacs reports bad keys with a bare assert
+            raise ValueError(f"bad Detectron2 config overrides {list(overrides)}: {e}") from None
+    return cfg
+
+
+@HEADS.register("detection")
+class DetectionHead(Head):
+    """Faster R-CNN (Detectron2, FPN) on ŷ: :class:`LatentBackbone` + FPN → RPN → ``StandardROIHeads``.
+
+    Training: ``head(latent, targets)`` returns Detectron2's losses (``loss_rpn_cls``, ``loss_rpn_loc``,
+    ``loss_cls``, ``loss_box_reg``). Eval: one ``{"instances": Instances}`` per image — Detectron2's
+    model output, with ``pred_boxes`` (XYXY pixels of the fed image, like the targets' ``boxes``),
+    ``scores`` and ``pred_classes`` (0..K-1) — which :class:`DetectionEvaluator` scores. Image sizes
+    come from the targets' ``image_size``, else from the latent (× 4). Inputs must be multiples of
+    32 pixels (the FPN's ``size_divisibility``).
+
+    Args:
+        latent_channels: channels of ŷ; ``None`` builds the reference detector on uncompressed images
+            (B, 3, H, W) in [0, 1]: same architecture, the teacher's stem and ``layer1`` in place of the decoder.
+        num_classes: object classes (the dataset's ``num_classes``).
+        arch, hidden_channels: the trunk (:class:`~mtfc.head.LatentResNet`), initialised from the
+            teacher (:meth:`~mtfc.head.Head.init_from_teacher`) and the codec's decoder.
+        image_size: training image size (int or [H, W]); sets the anchor sizes.
+        fpn_channels, fc_dim, proposals, rois_per_image, anchor_sizes, overrides: see :func:`detectron2_config`.
+    """
+
+    task = "detection"
+    metric = "AP"
+    required_targets = ("boxes", "classes", "image_size")
+
+    def __init__(self, latent_channels: int | None, num_classes: int, arch: str = "resnet18",
+                 hidden_channels: int = 96, image_size: int | Sequence[int] = 64, fpn_channels: int = 128,
+                 fc_dim: int = 256, proposals: int = 100, rois_per_image: int = 64,
+                 anchor_sizes: Sequence[int] | None = None, overrides: Sequence[Any] | None = None) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.in_channels = 3 if latent_channels is None else latent_channels
+        self.cfg = detectron2_config(num_classes, latent_channels, arch=arch, hidden_channels=hidden_channels,
+                                     image_size=image_size, fpn_channels=fpn_channels, fc_dim=fc_dim,
+                                     proposals=proposals, rois_per_image=rois_per_image,
+                                     anchor_sizes=anchor_sizes, overrides=overrides)
+        self.detector = build_model(self.cfg)
+
+    def forward(self, latent: torch.Tensor, targets: Targets | None = None) -> Any:
+        images = self._image_list(latent, targets)
+        det = self.detector
+        if not self.training:
+            features = det.backbone(latent)
+            proposals, _ = det.proposal_generator(images, features, None)
+            results, _ = det.roi_heads(images, features, proposals, None)
+            return [{"instances": r} for r in results]
+        gt = self._gt_instances(targets, images.image_sizes, latent.device)
+        features = det.backbone(latent)
+        with EventStorage():  # Detectron2's RPN and ROI heads log training statistics to the current storage
+            proposals, proposal_losses = det.proposal_generator(images, features, gt)
+            _, detector_losses = det.roi_heads(images, features, proposals, gt)
+        return {**proposal_losses, **detector_losses}
+
+    def _image_list(self, latent: torch.Tensor, targets: Targets | None) -> ImageList:
+        stride = self.detector.backbone.bottom_up.input_stride
+        if latent.dim() != 4 or latent.shape[1] != self.in_channels:
+            what = "images" if stride == 1 else "latent"
+            raise ValueError(f"the detection head expects a (B, {self.in_channels}, h, w) {what}, "
+                             f"got shape {tuple(latent.shape)}")
+        H, W = latent.shape[-2] * stride, latent.shape[-1] * stride
+        d = self.detector.backbone.size_divisibility
+        if H % d or W % d:
+            raise ValueError(f"the detection head needs images whose height and width are multiples of {d} "
+                             f"(its FPN's size_divisibility), got {H}x{W}; resize or pad the images "
+                             f"(e.g. to {-(-H // d) * d}x{-(-W // d) * d})")
+        if targets is None:
+            sizes = [(H, W)] * len(latent)
+        else:
+            if len(targets) != len(latent):
+                raise ValueError(f"got {len(targets)} targets for a batch of {len(latent)}")
+            sizes = [tuple(int(v) for v in t.get("image_size", (H, W))) for t in targets]
+            for t, (h, w) in zip(targets, sizes):
+                if not (0 < h <= H and 0 < w <= W):
+                    raise ValueError(f"image {t.get('image_id', '?')}: target image_size {(h, w)} does not fit "
+                                     f"the {H}x{W} input")
+        # The RPN and ROI heads read only image_sizes; the tensor stands for the padded batch (no pixels here).
+        return ImageList(latent.new_empty((len(latent), 0, H, W)), sizes)
+
+    def _gt_instances(self, targets: Targets | None, sizes: list[tuple[int, int]],
+                      device: torch.device) -> list[Instances]:
+        if targets is None:
+            raise ValueError(f"training the detection head needs targets with {list(self.required_targets)}")
+        gt = []
+        for t, size in zip(targets, sizes):
+            missing = [k for k in self.required_targets if k not in t]
+            if missing:
+                raise ValueError(f"image {t.get('image_id', '?')}: detection targets lack {missing}")
+            boxes = torch.as_tensor(t["boxes"], dtype=torch.float32, device=device).reshape(-1, 4)
+            classes = torch.as_tensor(t["classes"], dtype=torch.int64, device=device).reshape(-1)
+            if len(boxes) != len(classes):
+                raise ValueError(f"image {t.get('image_id', '?')}: {len(boxes)} boxes but {len(classes)} classes")
+            if len(classes) and not 0 <= int(classes.min()) <= int(classes.max()) < self.num_classes:
+                raise ValueError(f"image {t.get('image_id', '?')}: class ids {classes.tolist()} outside "
+                                 f"0..{self.num_classes - 1}")
+            gt.append(Instances(size, gt_boxes=Boxes(boxes), gt_classes=classes))
+        return gt
+
+    def build_evaluator(self, dataset: Any) -> DetectionEvaluator:
+        """A :class:`DetectionEvaluator` on ``dataset``'s COCO file (registered with Detectron2)."""
+        evaluator = DetectionEvaluator.for_dataset(dataset)
+        if evaluator.num_classes != self.num_classes:
+            raise ValueError(f"{evaluator.ann_file} has {evaluator.num_classes} categories, this head "
+                             f"detects {self.num_classes}")
+        return evaluator
+
+
+class DetectionEvaluator:
+    """COCO box AP of mtfc batches through Detectron2's ``COCOEvaluator`` (pycocotools).
+
+    ``process(targets, predictions)`` turns each target into Detectron2's input (``image_id``) and
+    maps the predicted boxes from the fed image back to the image file the annotations describe:
+    mtfc's eval transform resizes the file (``orig_size``) to fit the fed ``image_size`` and pads
+    bottom/right; :func:`~detectron2.modeling.postprocessing.detector_postprocess` undoes the resize.
+    ``evaluate()`` scores the processed images only and returns :data:`AP_KEYS` (percent). With no
+    detection at all COCO AP is undefined (Detectron2 reports NaN); this evaluator returns 0.0 for
+    each key and warns.
+    """
+
+    def __init__(self, dataset_name: str) -> None:
+        from detectron2.data import MetadataCatalog
+
+        self.dataset_name = dataset_name
+        meta = MetadataCatalog.get(dataset_name)
+        self.ann_file, self.num_classes = meta.get("json_file"), len(meta.get("thing_classes", ()))
+        self.coco = COCOEvaluator(dataset_name, tasks=("bbox",), distributed=False, output_dir=None,
+                                  use_fast_impl=False)
+        self.reset()
+
+    @classmethod
+    def for_dataset(cls, dataset: Any) -> DetectionEvaluator:
+        """Register ``dataset``'s ``ann_file`` / ``image_root`` with Detectron2 (name derived from the
+        annotation file's path) and evaluate on it; ``torch.utils.data.Subset`` s are unwrapped."""
+        from mtfc.data import register_detectron2
+
+        base = dataset
+        while getattr(base, "ann_file", None) is None and hasattr(base, "dataset"):
+            base = base.dataset
+        if getattr(base, "ann_file", None) is None or getattr(base, "image_root", None) is None:
+            raise ValueError(f"detection evaluation needs a dataset read from a COCO file (ann_file and "
+                             f"image_root), got {type(dataset).__name__}")
+        ann_file = Path(base.ann_file).resolve()
+        name = f"mtfc_{ann_file.stem}_{hashlib.sha1(str(ann_file).encode()).hexdigest()[:10]}"
+        return cls(register_detectron2(name, ann_file, base.image_root))
+
+    def reset(self) -> None:
+        self.coco.reset()
+        self._image_ids: set[int] = set()
+        self._detections = 0
+
+    def process(self, targets: Targets, predictions: list[dict[str, Instances]]) -> None:
+        if len(targets) != len(predictions):
+            raise ValueError(f"got {len(predictions)} predictions for {len(targets)} targets")
+        inputs, outputs = [], []
+        for t, p in zip(targets, predictions):
+            if "image_id" not in t:
+                raise ValueError("detection evaluation needs each target's 'image_id' (its id in the COCO file)")
+            if not isinstance(p, dict) or not isinstance(p.get("instances"), Instances):
+                raise TypeError(f"expected predictions as {{'instances': Instances}}, got {type(p).__name__}")
+            instances = p["instances"].to("cpu")
+            orig = t.get("orig_size", instances.image_size)
+            inputs.append({"image_id": int(t["image_id"])})
+            outputs.append({"instances": _to_annotation_frame(instances, (int(orig[0]), int(orig[1])))})
+            self._image_ids.add(int(t["image_id"]))
+            self._detections += len(instances)
+        self.coco.process(inputs, outputs)
+
+    def evaluate(self) -> dict[str, float]:
+        if not self._image_ids:
+            raise RuntimeError("DetectionEvaluator.evaluate() called before any process()")
+        if not self._detections:
+            warnings.warn(f"no detections on {len(self._image_ids)} images of {self.dataset_name}: "
+                          "COCO AP is undefined, reporting 0.0", RuntimeWarning, stacklevel=2)
+            return dict.fromkeys(AP_KEYS, 0.0)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and summary table
+            bbox = self.coco.evaluate(img_ids=sorted(self._image_ids))["bbox"]
+        return {k: float(bbox[k]) for k in AP_KEYS}
+
+
+def _to_annotation_frame(instances: Instances, orig_size: tuple[int, int]) -> Instances:
+    """Predictions on the fed (resized, padded) image → on the original image of ``orig_size``."""
+    (H, W), (h0, w0) = instances.image_size, orig_size
+    scale = min(H / h0, W / w0)
+    fields = dict(instances.get_fields())
+    fields["pred_boxes"] = fields["pred_boxes"].clone()  # detector_postprocess scales boxes in place
+    return detector_postprocess(Instances(_resized_size(h0, w0, scale), **fields), h0, w0)
+
+
+def _resized_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The content size albumentations' ``LongestMaxSize`` (mtfc's eval resize) gives an image."""
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _size_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = (int(v) for v in image_size)
+    return height, width
