@@ -1,0 +1,80 @@
+"""The main job end to end on a tiny config: every stage, every artifact, skip-on-rerun."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtfc.cli import main
+from mtfc.pipeline import Pipeline, load_config
+
+TINY = {
+    "seed": 0,
+    "data": {"type": "bundled", "image_size": 32,
+             "generate": {"num_classes": 3, "splits": {"train": 48, "val": 16}, "max_objects": 2, "workers": 1}},
+    "teacher": {"arch": "resnet18", "epochs": 1, "batch_size": 16},
+    "bottleneck": {"betas": [0.01, 0.1], "codec": {"kind": "factorized", "latent_channels": 8, "hidden_channels": 16},
+                   "epochs": 1, "batch_size": 16},
+    "heads": {
+        "classification": {"type": "classification", "reference": "teacher", "distill": True,
+                           "kwargs": {"hidden_channels": 16}, "epochs": 1, "batch_size": 16},
+        "detection": {"type": "detection", "kwargs": {"hidden_channels": 16, "image_size": 32},
+                      "epochs": 1, "batch_size": 16},
+        "segmentation": {"type": "segmentation", "kwargs": {"hidden_channels": 16}, "epochs": 1, "batch_size": 16},
+    },
+    "evaluation": {"batch_size": 16, "baselines": {"jpeg": [10, 90], "webp": [10, 90]}},
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    cfg = {**TINY, "out_dir": str(out), "data": {**TINY["data"], "root": str(out / "data")}}
+    (out / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(out / "tiny.yaml"), "--set", "device=cpu"]) == 0
+    return out
+
+
+def test_run_produces_every_artifact(run_dir):
+    assert (run_dir / "data" / "dataset.json").is_file()
+    assert (run_dir / "teacher" / "teacher.pt").is_file()
+    for beta in ("0.01", "0.1"):
+        assert (run_dir / "bottleneck" / f"beta_{beta}" / "codec.pt").is_file()
+        for head in ("classification", "detection", "segmentation"):
+            assert (run_dir / "heads" / f"beta_{beta}" / head / "head.pt").is_file()
+    for head in ("detection", "segmentation"):
+        assert (run_dir / "reference" / head / "head.pt").is_file()
+    report = run_dir / "report"
+    for name in ("results.csv", "results.json", "bd_rate.csv", "report.md", "plots/classification.png",
+                 "plots/detection.png", "plots/segmentation.png"):
+        assert (report / name).is_file(), name
+    rows = json.loads((report / "results.json").read_text())["rows"]
+    methods = {(r["method"], str(r["rate_point"])) for r in rows}
+    assert {("mtfc", "0.01"), ("mtfc", "0.1"), ("jpeg", "10"), ("webp", "90"), ("uncompressed", "raw")} <= methods
+    assert {r["task"] for r in rows} == {"classification", "detection", "segmentation"}
+    for r in rows:
+        assert r["n_images"] == 16 and r["bpp_mean"] > 0
+    assert "tiny.yaml" in (report / "report.md").read_text()
+
+
+def test_rerun_skips_finished_stages(run_dir, capsys):
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.pt")}
+    pipe = Pipeline(load_config(run_dir / "tiny.yaml", ["device=cpu"]))
+    pipe.make_dataset()
+    pipe.train_bottlenecks()
+    pipe.train_heads(references=True)
+    pipe.train_heads()
+    assert capsys.readouterr().out.count("skipped") >= 1 + 2 + 2 + 6
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.pt")} == before
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("out_dir: x\n")
+    with pytest.raises(ValueError, match="lacks the required key"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump({**TINY, "out_dir": "x", "data": {"type": "bundled", "root": "y"}}))
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(tmp_path / "ok.yaml", ["novalue"])
+    assert load_config(tmp_path / "ok.yaml", ["bottleneck.epochs=3"])["bottleneck"]["epochs"] == 3
