@@ -94,13 +94,10 @@ def load_head(path: str | Path, codec_fingerprint: str | None = None, head: Head
 
 
 def read_head_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"head checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable head checkpoint: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != HEAD_FORMAT:
+    """A head checkpoint's contents; errors name the file (missing, unreadable, not a head)."""
+    from mtfc.engine import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") != HEAD_FORMAT:
         raise ValueError(f"{path} is not an mtfc head checkpoint")
     return ckpt

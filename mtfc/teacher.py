@@ -1,6 +1,7 @@
 """Teacher networks (torchvision ResNets) and the feature taps used for distillation."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -13,8 +14,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
-_ARCHS = {"resnet18": models.resnet18, "resnet34": models.resnet34, "resnet50": models.resnet50,
-          "resnet101": models.resnet101}
+#: torchvision ResNets; ``resnet10`` is torchvision's ResNet with one BasicBlock per stage (no
+#: pretrained weights exist for it) — a teacher small enough to train in minutes on a CPU.
+_ARCHS = {"resnet10": partial(models.ResNet, models.resnet.BasicBlock, [1, 1, 1, 1]), "resnet18": models.resnet18,
+          "resnet34": models.resnet34, "resnet50": models.resnet50, "resnet101": models.resnet101}
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -58,7 +61,9 @@ def build_teacher(arch: str = "resnet18", num_classes: int = 1000, weights: str 
             raise ValueError(f"{path} holds a {ckpt['arch']} teacher, the config asks for {arch}")
         model.load_state_dict(state)
         return model
-    enum = models.get_model_weights(_ARCHS[arch])
+    if arch not in models.list_models():
+        raise ValueError(f"torchvision has no pretrained weights for {arch}; pass a local checkpoint path or null")
+    enum = models.get_model_weights(arch)
     try:
         state = enum[str(weights)].get_state_dict(progress=True) if str(weights) != "DEFAULT" else \
             enum.DEFAULT.get_state_dict(progress=True)

@@ -51,6 +51,6 @@ else
   log "stack already installed in $venv (stamp ${stamp##*/})"
 fi
 [ "$dev" = 1 ] && ! has "import pytest, xdist" && pip install pytest pytest-xdist
-pip install --no-deps --no-build-isolation -e "$root"
+out=$(pip install --no-deps --no-build-isolation -e "$root" 2>&1) || { echo "$out" >&2; exit 1; }
 ln -sfn "$venv" "$root/.venv"
 log "ready: $root/.venv -> $venv"
