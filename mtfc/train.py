@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mtfc.codec import Codec, load_codec, save_codec
+from mtfc.codec import Codec, save_codec
 from mtfc.engine import fit
 from mtfc.head import Head
 from mtfc.metrics import ClassificationEvaluator
