@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from mtfc.codec import load_codec
 from mtfc.head import HEADS, Head
 from mtfc.model import MultiTaskModel, read_head_checkpoint
-from mtfc.teacher import build_teacher
+from mtfc.teacher import STAGES, build_teacher
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -128,11 +128,12 @@ class Pipeline:
             if _loads(load_codec, path):
                 _log(f"bottleneck β={beta:g}: {path} exists, skipped")
             else:
-                teacher = teacher or self.teacher_model()
+                if teacher is None:
+                    teacher = self.teacher_model()
                 _log(f"bottleneck β={beta:g}: training")
                 train_bottleneck(self.dataset(b, "train", train=True), self.dataset(b, "val", train=False),
                                  copy.deepcopy(teacher), arch=self.cfg["teacher"]["arch"], beta=beta,
-                                 out_dir=path.parent, codec=b.get("codec"), stages=b.get("stages", ("layer1", "layer2", "layer3", "layer4")),
+                                 out_dir=path.parent, codec=b.get("codec"), stages=b.get("stages", STAGES),
                                  lr=b.get("lr", 1e-3), aux_lr=b.get("aux_lr", 1e-3), **self.fit_kwargs(b))
             paths[beta] = path
         return paths
@@ -164,7 +165,8 @@ class Pipeline:
                     _log(f"head {name} ({where}): {path} exists, skipped")
                     done[f"{name}@{where}"] = path
                     continue
-                teacher = teacher or self.teacher_model()
+                if teacher is None:
+                    teacher = self.teacher_model()
                 train_set = self.dataset(spec, "train", train=True)
                 if beta is None:
                     codec = None
@@ -217,16 +219,15 @@ class Pipeline:
                 evaluators = {n: h.build_evaluator(val_set) for n, h in model.heads.items()}
                 rows += evaluate_method(mtfc_method(model.eval()), loader, evaluators, method="mtfc",
                                         rate_point=beta, metrics=metrics)
-            fns = {n: (lambda images, targets, h=h: h(images, targets)) for n, h in refs.items()}
             evaluators = {n: h.build_evaluator(val_set) for n, h in refs.items()}
             for codec, qualities in ev.get("baselines", {}).items():
                 if codec not in available_codecs():
                     _log(f"evaluate: {codec} is not supported by this Pillow build, skipped")
                     continue
                 for q in qualities:
-                    rows += evaluate_method(codec_method(codec, q, fns), loader, evaluators, method=codec,
+                    rows += evaluate_method(codec_method(codec, q, refs), loader, evaluators, method=codec,
                                             rate_point=q, metrics=metrics)
-            rows += evaluate_method(uncompressed_method(fns), loader, evaluators, method="uncompressed",
+            rows += evaluate_method(uncompressed_method(refs), loader, evaluators, method="uncompressed",
                                     rate_point="raw", metrics=metrics)
         return rows
 

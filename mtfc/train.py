@@ -72,14 +72,17 @@ class BottleneckTask(nn.Module):
         self.teacher.eval()
         return self
 
-    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
-        images = batch[0]
+    def distill(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Distillation loss, estimated bpp and the student's logits for one batch."""
         with torch.no_grad():
             target = teacher_taps(self.teacher, images)
         out = self.codec(images)
         student = {"layer1": out["features"], **run_stages(self.teacher, out["features"])}
         distill = sum(F.mse_loss(student[s], target[s]) for s in self.stages)
-        bpp = bits_per_pixel(out["likelihoods"], images)
+        return distill, bits_per_pixel(out["likelihoods"], images), student["logits"]
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        distill, bpp, _ = self.distill(batch[0])
         return {"loss": distill + self.beta * bpp, "aux_loss": self.codec.aux_loss(), "distill": distill, "bpp": bpp}
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -93,13 +96,11 @@ class BottleneckTask(nn.Module):
         ev = ClassificationEvaluator(self.teacher.fc.out_features)
         bpp = distill = n = 0.0
         for images, targets in loader:
-            target = teacher_taps(self.teacher, images)
-            out = self.codec(images)
-            student = {"layer1": out["features"], **run_stages(self.teacher, out["features"])}
-            distill += float(sum(F.mse_loss(student[s], target[s]) for s in self.stages)) * len(images)
-            bpp += float(bits_per_pixel(out["likelihoods"], images)) * len(images)
+            batch_distill, batch_bpp, logits = self.distill(images)
+            distill += float(batch_distill) * len(images)
+            bpp += float(batch_bpp) * len(images)
             n += len(images)
-            ev.process(targets, list(student["logits"]))
+            ev.process(targets, list(logits))
         return {"bpp_est": bpp / n, "distill": distill / n, **{f"student_{k}": v for k, v in ev.evaluate().items()}}
 
 
