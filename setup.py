@@ -31,6 +31,8 @@ setup(
         # detectron2 itself is not on PyPI: tools/setup.sh installs its Python package (see README).
         "detection": ["fvcore", "iopath", "yacs", "termcolor", "tabulate", "cloudpickle", "omegaconf", "hydra-core"],
         "segmentation": ["mmengine==0.10.7", "mmcv==2.1.0", "mmsegmentation==1.2.2", "ftfy", "regex"],
+        # the deployed path (mtfc/deploy): ONNX export + ONNX Runtime device encoder, FastAPI/uvicorn server, httpx client
+        "deploy": ["onnx", "onnxruntime", "fastapi", "uvicorn", "httpx"],
         "dev": ["pytest", "pytest-xdist"],
     },
     entry_points={"console_scripts": ["mtfc=mtfc.cli:main"]},

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 from typing import Callable
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -132,6 +133,211 @@ def _benchmark_codec(args: argparse.Namespace) -> int:
               f"{lat['decode_entropy_ms']:7.2f} {lat['decode_network_ms']:8.2f}")
     print(f"written to {out}")
     return 0
+
+
+def _export_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("codec", help="frozen codec artifact (codec.pt)")
+    parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    parser.add_argument("--out", required=True, help="export directory (encoder.onnx, codec.pt, encoder.json)")
+    parser.add_argument("--check", type=int, default=300, metavar="N",
+                        help="compare the ONNX encoder's streams with PyTorch's on N images (0: skip)")
+    parser.add_argument("--data", help="bundled dataset root whose val images the check uses (default: synthetic)")
+    parser.add_argument("--size", type=int, default=64, help="side of the synthetic check images")
+    parser.add_argument("--benchmark", action="store_true", help="time PyTorch vs ONNX Runtime (batch 1; 224 and 64 px)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of both runtimes")
+
+
+def _check_images(data: str | None, n: int, size: int):
+    import torch
+
+    from mtfc.deploy.export import synthetic_images
+
+    if not data:
+        return synthetic_images(n, size)
+    from mtfc.data import build_dataset
+
+    val = build_dataset({"type": "bundled", "root": data}, "val")
+    return torch.stack([val[i][0] for i in range(min(n, len(val)))])
+
+
+@command("export", "export the device encoder (ONNX) and check its streams against PyTorch's")(_export_options)
+def _export(args: argparse.Namespace) -> int:
+    import json
+
+    from mtfc.deploy.export import export_report
+
+    images = _check_images(args.data, args.check, args.size) if args.check else None
+    report = export_report(args.codec, args.out, fmt=args.format, images=images, benchmark=args.benchmark,
+                           threads=args.threads)
+    print(f"encoder: {report['encoder_params']} parameters, {report['encoder_kmac_per_pixel']:.1f} kMAC/pixel")
+    if "exactness" in report:
+        e = report["exactness"]
+        print(f"streams identical to PyTorch's: {e['identical_streams']}/{e['images']} "
+              f"({e['flipped_latent_elements']} latent elements rounded differently; max |Δy| {e['max_abs_y_difference']:.2e})")
+    for size, t in report.get("speed", {}).get("sizes", {}).items():
+        print(f"{size}x{size}, batch 1, {args.threads} thread(s): network PyTorch {t['pytorch_network_ms']:.2f} ms, "
+              f"ONNX Runtime {t['onnxruntime_network_ms']:.2f} ms; entropy coding {t['entropy_coding_ms']:.2f} ms; "
+              f"encode total {t['pytorch_encode_ms']:.2f} vs {t['onnxruntime_encode_ms']:.2f} ms")
+    print(f"written to {report['export_dir']} (report.json: {json.dumps(report.get('exactness', {}))})")
+    return 0
+
+
+def _heads(specs: list[str]) -> dict[str, str]:
+    heads = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--head takes NAME=PATH (e.g. cls=runs/demo/heads/beta_4/classification/head.pt), got {spec!r}")
+        heads[name] = path
+    return heads
+
+
+def _server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("codec", help="frozen codec artifact (codec.pt)")
+    parser.add_argument("--head", action="append", default=[], metavar="NAME=PATH", help="a head checkpoint (repeatable)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import a module first (user heads register in mtfc.HEADS on import; repeatable)")
+    parser.add_argument("--max-batch", type=int, default=16, help="most images per head batch")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="larger announced images get 413")
+    parser.add_argument("--decoder-workers", type=int, default=2, help="crash-isolated entropy-decoding processes")
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads of the server and of each decoder")
+
+
+def _server_config(args: argparse.Namespace):
+    import os
+
+    from mtfc.deploy.server import ServerConfig
+
+    return ServerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
+                        max_image_pixels=args.max_image_pixels, decoder_workers=args.decoder_workers,
+                        threads=args.threads,
+                        token=getattr(args, "token", None) or os.environ.get("MTFC_TOKEN") or None)
+
+
+def _serve_options(parser: argparse.ArgumentParser) -> None:
+    _server_options(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--token", help="require this bearer token (default: $MTFC_TOKEN; unset: no authentication)")
+    parser.add_argument("--ssl-certfile", help="TLS certificate (PEM): serve HTTPS")
+    parser.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
+    parser.add_argument("--log-level", default="info")
+
+
+@command("serve", "serve a frozen codec and its heads over HTTP (FastAPI + uvicorn; one decode for every head)")(
+    _serve_options)
+def _serve(args: argparse.Namespace) -> int:
+    from mtfc.deploy.server import serve
+
+    serve(args.codec, _heads(args.head), host=args.host, port=args.port, config=_server_config(args),
+          imports=args.imports, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, log_level=args.log_level)
+    return 0
+
+
+def _send_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--encoder", help="export directory of `mtfc export` (ONNX Runtime encoder)")
+    where.add_argument("--codec", help="codec artifact (PyTorch encoder)")
+    parser.add_argument("--heads", help="comma-separated heads (default: all)")
+    parser.add_argument("--size", type=int, help="resize images to SIZExSIZE first (default: pad only)")
+    parser.add_argument("--token", help="bearer token (default: $MTFC_TOKEN)")
+    parser.add_argument("--cacert", help="CA bundle that signed the server's certificate (self-signed TLS)")
+    parser.add_argument("--threads", type=int, default=1, help="encoder threads")
+    parser.add_argument("--json", help="write every answer to this JSON file")
+
+
+@command("send", "encode images on the device side, send them to `mtfc serve`, print predictions and timings")(
+    _send_options)
+def _send(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from dataclasses import asdict
+
+    from mtfc.deploy.client import Client, send_images
+
+    if args.encoder:
+        from mtfc.deploy.encoder import Encoder
+
+        encoder = Encoder(args.encoder, threads=args.threads)
+    else:
+        from mtfc.codec import load_codec
+
+        encoder = load_codec(args.codec)
+    token = args.token or os.environ.get("MTFC_TOKEN")
+    with Client(args.server, encoder, token=token, verify=args.cacert or True) as client:
+        results = send_images(args.images, client, args.heads.split(",") if args.heads else None, args.size)
+    total = sum(r.bytes_sent for _, r in results)
+    print(f"{len(results)} image(s), {total} bytes sent")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({path: asdict(r) for path, r in results}, f, indent=2)
+        print(f"answers written to {args.json}")
+    return 0
+
+
+def _latency_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", help="results.json of a rate–accuracy run (runs/<name>/report/results.json)")
+    parser.add_argument("--rate-point", help="mtfc rate point (β) to model (default: its most accurate)")
+    parser.add_argument("--bandwidths", default="0.1,0.2,0.5,1,2,5,10,20,50,100", help="Mbit/s, comma-separated")
+    parser.add_argument("--rtt-ms", type=float, default=20.0, help="network round-trip time")
+    parser.add_argument("--device-factor", type=float, default=1.0, help="how many times slower the device is than this machine")
+    parser.add_argument("--server-factor", type=float, default=1.0, help="edge server time relative to this machine")
+    parser.add_argument("--encoder", help="export directory: time the ONNX Runtime encoder (default: PyTorch)")
+    parser.add_argument("--codec", help="codec artifact (default: the run's codec at the rate point)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for the measurements")
+    parser.add_argument("--out", help="output directory (default: next to results.json)")
+
+
+@command("latency", "end-to-end latency of mtfc vs offloading with JPEG/WebP/AVIF over a bandwidth sweep")(
+    _latency_options)
+def _latency(args: argparse.Namespace) -> int:
+    from mtfc.deploy.latency import format_table, latency_model
+
+    report = latency_model(args.results, rate_point=args.rate_point,
+                           bandwidths=[float(b) for b in args.bandwidths.split(",")], rtt_ms=args.rtt_ms,
+                           device_factor=args.device_factor, server_factor=args.server_factor,
+                           encoder_dir=args.encoder, codec=args.codec, out_dir=args.out, threads=args.threads)
+    print(format_table(report))
+    print(f"written to {args.out or Path(args.results).parent}/latency.{{json,md,png}}")
+    return 0
+
+
+def _loadtest_options(parser: argparse.ArgumentParser) -> None:
+    _server_options(parser)
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--bad", type=float, default=0.1, help="share of malformed / oversized bodies")
+    parser.add_argument("--data", help="bundled dataset root whose val images make the requests (default: synthetic)")
+    parser.add_argument("--images", type=int, default=32, help="distinct images per size")
+    parser.add_argument("--sizes", default="64,96", help="image sides, comma-separated (requests mix them)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the report to this JSON file")
+
+
+@command("loadtest", "N requests at concurrency C against a real server process on 127.0.0.1")(_loadtest_options)
+def _loadtest(args: argparse.Namespace) -> int:
+    import json
+
+    import torch.nn.functional as F
+
+    from mtfc.deploy.loadtest import load_test
+
+    base = _check_images(args.data, args.images, 64)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    images = [F.interpolate(x[None], size=(s, s), mode="bilinear", align_corners=False).clamp(0, 1)
+              for s in sizes for x in base]
+    report = load_test(args.codec, _heads(args.head), images, requests=args.requests, concurrency=args.concurrency,
+                       bad_fraction=args.bad, config=_server_config(args), imports=args.imports, seed=args.seed,
+                       log_dir=Path(args.out).parent if args.out else None)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    ok = (report["valid_mismatched"] == 0 and not report["wrong_status"] and report["server_alive_and_healthy"])
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

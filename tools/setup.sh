@@ -30,10 +30,10 @@ if [ ! -e "$stamp" ]; then
     log "2/4 mmcv 2.1.0 with ops (compiles ~9 min on 2 cores the first time; cached by pip afterwards)"
     MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} pip install -c "$cons" --no-build-isolation mmcv
   fi
-  log "3/4 compressai, albumentations, mmengine, mmsegmentation, detectron2's runtime deps"
+  log "3/4 compressai, albumentations, mmengine, mmsegmentation, detectron2's runtime deps, the deploy stack"
   pip install -c "$cons" compressai albumentations mmengine mmsegmentation ftfy regex \
     fvcore iopath pycocotools yacs termcolor tabulate cloudpickle omegaconf hydra-core matplotlib \
-    tqdm tensorboard pyyaml pillow
+    tqdm tensorboard pyyaml pillow onnx onnxruntime ml_dtypes fastapi uvicorn httpx
   if has "import detectron2.modeling"; then
     log "4/4 detectron2 already present: left alone"
   else

@@ -1,0 +1,201 @@
+"""The deployed path: ONNX device encoder, edge server (in process and as a real subprocess), client,
+latency model and load test — on a tiny codec and tiny heads."""
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from mtfc import bitstream
+from mtfc.codec import save_codec
+from mtfc.deploy.client import Client, ServerError
+from mtfc.deploy.encoder import Encoder
+from mtfc.deploy.export import compare_streams, encoder_complexity, export_onnx, synthetic_images
+from mtfc.deploy.latency import latency_model, match_baselines
+from mtfc.deploy.loadtest import bad_bodies, compare, expected_predictions, free_port, load_test, start_server
+from mtfc.deploy.server import ServerConfig, create_app, load_model
+from mtfc.deploy.wire import decode_mask
+from mtfc.head import HEADS
+from mtfc.model import MultiTaskModel, save_head
+
+from conftest import tiny_codec
+
+HEAD_KWARGS = {"classification": {"num_classes": 3}, "segmentation": {"num_classes": 4},
+               "detection": {"num_classes": 3, "image_size": 32}}
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict:
+    """A tiny frozen codec and one tiny head per built-in task, saved as the pipeline saves them."""
+    root = tmp_path_factory.mktemp("deploy")
+    codec = tiny_codec()
+    codec_path = save_codec(codec, root / "codec.pt")
+    heads = {}
+    for i, (task, kwargs) in enumerate(HEAD_KWARGS.items()):
+        torch.manual_seed(i)
+        head = HEADS.build(task, latent_channels=codec.latent_channels, arch="resnet18", hidden_channels=16, **kwargs)
+        heads[task[:3]] = save_head(head.eval(), root / f"{task}.pt", codec.fingerprint)
+    return {"root": root, "codec": codec_path, "heads": heads}
+
+
+@pytest.fixture(scope="module")
+def model(artifacts) -> MultiTaskModel:
+    return load_model(artifacts["codec"], artifacts["heads"])
+
+
+@pytest.fixture(scope="module")
+def streams(model) -> list[bytes]:
+    """Four 32x32 images and one 64x64 (two image sizes)."""
+    return model.codec.encode(synthetic_images(4, 32)) + model.codec.encode(synthetic_images(1, 64, seed=1))
+
+
+@pytest.mark.parametrize("kind", ["factorized", "hyperprior"])
+def test_onnx_encoder_streams_equal_pytorch(kind, tmp_path):
+    codec = tiny_codec(kind)
+    out = export_onnx(save_codec(codec, tmp_path / "codec.pt"), tmp_path / "export")
+    encoder = Encoder(out)
+    assert encoder.fingerprint == codec.fingerprint
+    images = synthetic_images(200, 32)
+    report = compare_streams(encoder, images)
+    assert report["max_abs_y_difference"] < 1e-3
+    # a stream can differ only where an element of y sits within float noise of a rounding boundary
+    assert report["identical_streams"] >= 198, report
+    assert report["flipped_latent_elements"] <= 2 * report["differing_streams"], report
+    assert encoder.encode(images[:1]) == codec.encode(images[:1]) or report["differing_streams"]
+    manifest = json.loads((out / "encoder.json").read_text())
+    assert manifest["fingerprint"] == codec.fingerprint and manifest["size_divisibility"] == codec.size_divisibility
+
+
+def test_encoder_complexity_counts_every_convolution():
+    codec = tiny_codec()  # N=16 hidden, C=8 latent: conv5x5/2, GDN, conv5x5/2, GDN, conv3x3/1
+    N, C = 16, 8
+    per_pixel = 3 * N * 25 / 4 + N * (N + 1) / 4 + N * N * 25 / 16 + N * (N + 1) / 16 + N * C * 9 / 16
+    got = encoder_complexity(codec)
+    assert got["encoder_kmac_per_pixel"] == pytest.approx(per_pixel / 1000)
+    assert got["encoder_params"] == sum(p.numel() for p in codec.g_a.parameters())
+
+
+def test_in_process_server_predicts_what_the_model_predicts(model, streams):
+    expected = expected_predictions(model, streams)
+    with TestClient(create_app(model, ServerConfig(max_wait_ms=1))) as client:
+        info = client.get("/info").json()
+        assert info["codec"]["fingerprint"] == model.codec.fingerprint and set(info["heads"]) == {"cla", "seg", "det"}
+        assert "torch" in info["versions"] and "fastapi" in info["versions"]
+        for stream, want in zip(streams, expected):
+            r = client.post("/predict", content=stream, headers={"Content-Type": "application/octet-stream"})
+            assert r.status_code == 200, r.text
+            assert r.json()["predictions"] == want  # exact: same decode, same heads, batch of one
+        seg = r.json()["predictions"]["seg"]
+        assert decode_mask(seg).shape == (64, 64) and r.json()["image_size"] == [64, 64]
+        only = client.post("/predict?heads=cla", content=streams[0], headers={"Content-Type": "application/octet-stream"})
+        assert set(only.json()["predictions"]) == {"cla"}
+        metrics = client.get("/metrics").json()
+        assert metrics["by_status"] == {"200": len(streams) + 1} and metrics["bytes_in"] == sum(map(len, streams)) + len(streams[0])
+
+
+def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(model, streams):
+    config = ServerConfig(max_body_bytes=4096, max_wait_ms=1)
+    octet = {"Content-Type": "application/octet-stream"}
+    with TestClient(create_app(model, config)) as client:
+        for kind, (body, status) in bad_bodies(streams[0], config.max_body_bytes).items():
+            r = client.post("/predict", content=body, headers=octet)
+            assert r.status_code == status, (kind, r.text)
+            assert r.json()["detail"], kind
+        errors = client.get("/metrics").json()["errors"]
+        assert {"NotAStreamError", "UnsupportedVersionError", "CodecMismatchError", "TruncatedStreamError",
+                "CorruptStreamError", "DecoderCrashed", "ImageTooLarge", "PayloadTooLarge"} <= set(errors)
+        assert client.post("/predict", content=streams[0], headers={"Content-Type": "image/png"}).status_code == 415
+        r = client.post("/predict?heads=nope", content=streams[0], headers=octet)
+        assert r.status_code == 400 and "nope" in r.json()["detail"]
+        assert client.post("/predict", content=streams[0], headers=octet).status_code == 200
+
+
+def test_a_batched_request_equals_the_same_request_alone(model, streams):
+    octet = {"Content-Type": "application/octet-stream"}
+    with TestClient(create_app(model, ServerConfig(max_batch=8, max_wait_ms=300))) as client:
+        alone = [client.post("/predict", content=s, headers=octet).json() for s in streams]
+        assert all(a["timing_ms"]["batch_size"] == 1 for a in alone)
+        # a bad stream among them must not disturb the others; two image sizes are grouped apart
+        bodies = [*streams[:4], b"JUNK", *streams[:4], streams[4]]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda b: client.post("/predict", content=b, headers=octet), bodies))
+        assert answers[4].status_code == 400
+        batched = [a.json() for i, a in enumerate(answers) if i != 4]
+        assert max(a["timing_ms"]["batch_size"] for a in batched) > 1
+        for got, want in zip(batched, alone[:4] * 2 + alone[4:]):
+            exact, close = compare(got["predictions"], want["predictions"])
+            assert close, (got["predictions"], want["predictions"])
+
+
+def test_bearer_token(model, streams):
+    with TestClient(create_app(model, ServerConfig(token=TOKEN))) as client:
+        assert client.get("/health").status_code == 200  # liveness probes need no token
+        r = client.get("/info")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert client.get("/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/info", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def server(artifacts, tmp_path_factory):
+    """A real ``mtfc serve`` subprocess on 127.0.0.1 (ephemeral port), with a bearer token."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    proc = start_server(artifacts["codec"], artifacts["heads"], ServerConfig(token=TOKEN), port, log)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_client_round_trip_through_a_real_server(server, artifacts, model, tmp_path):
+    encoder = Encoder(export_onnx(artifacts["codec"], tmp_path / "export"))
+    images = synthetic_images(3, 32, seed=5)
+    want = expected_predictions(model, encoder.encode(images))
+    with Client(server, encoder, token=TOKEN) as client:
+        assert client.info()["codec"]["fingerprint"] == model.codec.fingerprint
+        results = client.predict(images, heads=["cla", "seg"])
+        for got, expected in zip(results, want):
+            assert got.predictions == {k: expected[k] for k in ("cla", "seg")}
+            assert got.bytes_sent > 0 and got.timing_ms["encode"] > 0 and got.timing_ms["network"] >= 0
+        with pytest.raises(ServerError, match="CorruptStreamError"):
+            client.send(encoder.encode(images[:1])[0][:-1] + b"\x00")
+    with Client(server, encoder) as no_token, pytest.raises(ServerError) as e:
+        no_token.predict(images[:1])
+    assert e.value.status == 401
+
+
+def test_load_test_against_a_real_server(artifacts):
+    images = [synthetic_images(1, 32, seed=i) for i in range(4)] + [synthetic_images(1, 64, seed=9)]
+    report = load_test(artifacts["codec"], artifacts["heads"], images, requests=80, concurrency=8, bad_fraction=0.3,
+                       config=ServerConfig(max_body_bytes=8192), progress=False)
+    assert report["valid_mismatched"] == 0 and not report["wrong_status"], report
+    assert report["server_alive_and_healthy"]
+    assert set(report["by_status"]) <= {"200", "400", "413"} and "200" in report["by_status"]
+
+
+def _row(method, point, task, metric, nbytes):
+    return {"method": method, "rate_point": point, "task": task, "metric": metric, "bytes_mean": nbytes,
+            "bpp_mean": 8 * nbytes / 32 / 32}
+
+
+def test_latency_model_matches_accuracy_and_adds_up(tmp_path, artifacts):
+    rows = [_row("mtfc", 1.0, "a", 50, 100), _row("mtfc", 1.0, "b", 30, 100),
+            *[_row("jpeg", q, t, m, n) for q, n, ma, mb in [(10, 300, 49, 40), (20, 400, 51, 31), (50, 900, 60, 35)]
+              for t, m in (("a", ma), ("b", mb))],
+            _row("webp", 90, "a", 45, 500), _row("webp", 90, "b", 20, 500)]
+    target, chosen = match_baselines(rows, 1.0)
+    assert target == {"a": 50, "b": 30}
+    assert chosen["jpeg"]["rate_point"] == 20 and chosen["jpeg"]["matched"]  # cheapest quality reaching both
+    assert not chosen["webp"]["matched"]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"rows": rows, "provenance": {"config": {
+        "out_dir": str(tmp_path / "missing-run"), "teacher": {"arch": "resnet18"}, "data": {},
+        "bottleneck": {"betas": [1.0]}, "heads": {}}}}))
+    report = latency_model(results, codec=artifacts["codec"], bandwidths=[1.0, 10.0], rtt_ms=5, device_factor=3)
+    m = report["methods"]["jpeg"]
+    want = 3 * m["device_encode_ms"] + 8 * 400 / 1e3 + 5 + m["server_decode_ms"] + m["server_heads_ms"]
+    assert report["table"][0]["jpeg"] == pytest.approx(want)
+    assert (tmp_path / "latency.png").stat().st_size > 0 and "| 10 |" in (tmp_path / "latency.md").read_text()
