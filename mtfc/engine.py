@@ -34,6 +34,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
+from mtfc.optim import OptimSpec, lr_factor
+
 CKPT_FORMAT = "mtfc.engine/1"
 
 
@@ -129,6 +131,13 @@ def _rng_preserved(device: torch.device) -> Iterator[None]:
         yield
     finally:
         _set_rng_state(state, device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch: call it before building a model so its initialisation is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -240,7 +249,7 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
         val_set: Dataset | None = None, val_every: int = 1, collate_fn: Callable | None = None,
         num_workers: int = 0, seed: int = 0, amp: bool = True, ckpt_every: int = 50,
         max_steps: int | None = None, resume: bool = True, progress: bool = True,
-        device: str | torch.device | None = None) -> dict[str, Any]:
+        device: str | torch.device | None = None, optim: OptimSpec | None = None) -> dict[str, Any]:
     """Train ``task`` on ``train_set``; resumable, reproducible, DDP-aware (run under ``torchrun``).
 
     Returns ``{"epochs": [record, …], "val": last validation metrics, "global_step": n}``; a record is
@@ -248,6 +257,10 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
     records are in ``out_dir/log.jsonl`` and as TensorBoard scalars in ``out_dir/tb``. If ``last.pt`` says
     training already reached ``epochs`` / ``max_steps``, the task gets its weights and ``fit`` returns
     at once. AMP (fp16 autocast + GradScaler) is used only on CUDA.
+
+    ``optim`` sets the per-step learning-rate schedule (applied to every optimizer's groups, relative to
+    the learning rate each was built with) and gradient clipping (per optimizer); the task builds its
+    optimizers from the same spec (:func:`mtfc.optim.build_optimizer`). Each record carries its ``lr``.
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("val_every", val_every),
                         ("ckpt_every", ckpt_every)):
@@ -262,7 +275,11 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
     ckpt_path = out_dir / "last.pt"
     rank, world_size, device = _setup_distributed(device)
     main = rank == 0
-    run = {"seed": seed, "batch_size": batch_size, "world_size": world_size, "train_size": len(train_set)}
+    optim = optim or OptimSpec(schedule="constant")
+    run = {"seed": seed, "batch_size": batch_size, "world_size": world_size, "train_size": len(train_set),
+           "epochs": epochs, "optim": optim.to_dict()}
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / world_size) / batch_size)
+    total_steps = min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
 
     ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
     epoch = step_in_epoch = global_step = 0
@@ -283,9 +300,7 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
         raise ValueError(f"{ckpt_path} was written by a run with {ckpt['run']}, this run has {run}: resuming would "
                          "not reproduce its data order; pass resume=False or use another out_dir")
 
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
+    seed_everything(seed + rank)
     task.to(device).train()
     model = task
     if world_size > 1:
@@ -293,7 +308,17 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
             task, device_ids=[device] if device.type == "cuda" else None,
             find_unused_parameters=getattr(task, "find_unused_parameters", True))
     optimizers = _check_optimizers(task.configure_optimizers())
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
     loss_keys = list(optimizers)
+
+    def set_lr() -> float:
+        factor = lr_factor(optim, global_step, total_steps)
+        for opt in optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+        return next(iter(optimizers.values())).param_groups[0]["lr"]
     use_amp = amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
@@ -329,13 +354,13 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
 
     while not finished():
         indices = _epoch_indices(train_set, epoch, seed, rank, world_size)
-        steps_per_epoch = math.ceil(len(indices) / batch_size)
         loader = DataLoader(train_set, batch_size=batch_size, sampler=indices[step_in_epoch * batch_size:],
                             collate_fn=collate_fn, num_workers=num_workers, pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))
         bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{epochs}",
                    disable=not (progress and main), dynamic_ncols=True)
         images, t0 = 0, time.perf_counter()
+        lr = set_lr()
         for batch in loader:
             batch = to_device(batch, device)
             with torch.autocast(device.type, dtype=torch.float16) if use_amp else contextlib.nullcontext():
@@ -344,8 +369,12 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
             total = sum(out[k].float() for k in loss_keys)
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
+            lr = set_lr()
             scaler.scale(total).backward()
             for opt in optimizers.values():
+                if optim.clip_grad is not None:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], optim.clip_grad)
                 scaler.step(opt)
             scaler.update()
             step_in_epoch += 1
@@ -360,6 +389,7 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
             if writer is not None:
                 for k, v in logged.items():
                     writer.add_scalar(f"train/{k}", v, global_step)
+                writer.add_scalar("train/lr", lr, global_step)
             bar.set_postfix({**{k: f"{v:.4g}" for k, v in logged.items()},
                              "img/s": f"{images / (time.perf_counter() - t0):.1f}"}, refresh=False)
             bar.update(1)
@@ -377,7 +407,8 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
         record: dict[str, Any] = {
             "epoch": epoch, "global_step": global_step, "steps": step_in_epoch,
             "train": {k: float(v) / (step_in_epoch * world_size) for k, v in zip(names, totals[:-1].tolist())},
-            "images_per_s": float(totals[-1]) / max(time.perf_counter() - t0, 1e-9)}
+            "images_per_s": float(totals[-1]) / max(time.perf_counter() - t0, 1e-9),
+            "seconds": time.perf_counter() - t0, "lr": lr}
         if step_in_epoch >= steps_per_epoch:
             epoch, step_in_epoch, sums = epoch + 1, 0, {}
         if val_set is not None and ((step_in_epoch == 0 and epoch % val_every == 0) or finished()):

@@ -15,10 +15,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtfc.codec import Codec, save_codec
-from mtfc.engine import fit
+from mtfc.engine import fit, seed_everything
 from mtfc.head import Head
 from mtfc.metrics import ClassificationEvaluator
 from mtfc.model import MultiTaskModel, save_head
+from mtfc.optim import OptimSpec, build_optimizer
 from mtfc.teacher import STAGES, build_teacher, normalize, run_stages, save_teacher, stage_channels, teacher_taps
 
 
@@ -33,9 +34,9 @@ def bits_per_pixel(likelihoods: dict[str, torch.Tensor], images: torch.Tensor) -
 
 
 class TeacherTask(nn.Module):
-    def __init__(self, teacher: nn.Module, lr: float = 1e-3, weight_decay: float = 1e-4) -> None:
+    def __init__(self, teacher: nn.Module, optim: OptimSpec | None = None) -> None:
         super().__init__()
-        self.teacher, self.lr, self.weight_decay = teacher, lr, weight_decay
+        self.teacher, self.optim = teacher, optim or OptimSpec()
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         images, targets = batch
@@ -44,7 +45,7 @@ class TeacherTask(nn.Module):
         return {"loss": F.cross_entropy(logits, labels), "acc": (logits.argmax(1) == labels).float().mean()}
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"loss": torch.optim.AdamW(self.teacher.parameters(), self.lr, weight_decay=self.weight_decay)}
+        return {"loss": build_optimizer(self.teacher.parameters(), self.optim)}
 
     @torch.no_grad()
     def validate(self, loader: DataLoader) -> dict[str, float]:
@@ -62,10 +63,10 @@ class BottleneckTask(nn.Module):
     """
 
     def __init__(self, codec: Codec, teacher: nn.Module, beta: float, stages: Sequence[str] = STAGES,
-                 lr: float = 1e-3, aux_lr: float = 1e-3) -> None:
+                 optim: OptimSpec | None = None, aux_lr: float = 1e-2) -> None:
         super().__init__()
         self.codec, self.teacher = codec, _frozen(teacher)
-        self.beta, self.stages, self.lr, self.aux_lr = beta, tuple(stages), lr, aux_lr
+        self.beta, self.stages, self.optim, self.aux_lr = beta, tuple(stages), optim or OptimSpec(), aux_lr
 
     def train(self, mode: bool = True) -> BottleneckTask:
         super().train(mode)
@@ -88,7 +89,7 @@ class BottleneckTask(nn.Module):
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         main = [p for n, p in self.codec.named_parameters() if not n.endswith(".quantiles")]
         aux = [p for n, p in self.codec.named_parameters() if n.endswith(".quantiles")]
-        return {"loss": torch.optim.Adam(main, self.lr), "aux_loss": torch.optim.Adam(aux, self.aux_lr)}
+        return {"loss": build_optimizer(main, self.optim), "aux_loss": torch.optim.Adam(aux, self.aux_lr)}
 
     @torch.no_grad()
     def validate(self, loader: DataLoader) -> dict[str, float]:
@@ -111,13 +112,13 @@ class HeadTask(nn.Module):
     also carries ``"teacher_logits"`` (for heads that distil).
     """
 
-    def __init__(self, codec: Codec | None, head: Head, teacher: nn.Module | None = None, lr: float = 1e-3,
-                 weight_decay: float = 1e-4) -> None:
+    def __init__(self, codec: Codec | None, head: Head, teacher: nn.Module | None = None,
+                 optim: OptimSpec | None = None) -> None:
         super().__init__()
         self.codec = _frozen(codec) if codec is not None else None
         self.head = head
         self.teacher = _frozen(teacher) if teacher is not None else None
-        self.lr, self.weight_decay = lr, weight_decay
+        self.optim = optim or OptimSpec()
 
     def train(self, mode: bool = True) -> HeadTask:
         super().train(mode)
@@ -141,7 +142,7 @@ class HeadTask(nn.Module):
         return {"loss": sum(losses.values()), **losses}
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"loss": torch.optim.AdamW(self.head.parameters(), self.lr, weight_decay=self.weight_decay)}
+        return {"loss": build_optimizer(self.head.parameters(), self.optim)}
 
     @torch.no_grad()
     def validate(self, loader: DataLoader) -> dict[str, float]:
@@ -156,27 +157,33 @@ class HeadTask(nn.Module):
 def _fit(task: nn.Module, train_set: Dataset, **kwargs: Any) -> dict[str, Any]:
     from mtfc.data import collate
 
-    return fit(task, train_set, **{"collate_fn": collate, **kwargs})
+    return fit(task, train_set, **{"collate_fn": collate, "optim": task.optim, **kwargs})
 
 
 def train_teacher(train_set: Dataset, val_set: Dataset | None, *, arch: str, num_classes: int,
-                  out_dir: str | Path, weights: str | None = None, lr: float = 1e-3, **fit_kwargs: Any) -> Path:
-    """Train (or fine-tune from ``weights``) a teacher; returns the path of ``teacher.pt``."""
+                  out_dir: str | Path, weights: str | None = None, optim: OptimSpec | None = None,
+                  seed: int = 0, **fit_kwargs: Any) -> Path:
+    """Train (or fine-tune from ``weights``) a teacher; returns the path of ``teacher.pt``.
+
+    The random initialisation is drawn after seeding with ``seed``, so a run is reproducible."""
     out = Path(out_dir)
+    seed_everything(seed)
     teacher = build_teacher(arch, num_classes, weights)
-    history = _fit(TeacherTask(teacher, lr), train_set, val_set=val_set, out_dir=out, **fit_kwargs)
+    history = _fit(TeacherTask(teacher, optim), train_set, val_set=val_set, out_dir=out, seed=seed, **fit_kwargs)
     save_teacher(teacher, arch, out / "teacher.pt", history=history)
     return out / "teacher.pt"
 
 
 def train_bottleneck(train_set: Dataset, val_set: Dataset | None, teacher: nn.Module, *, arch: str,
                      beta: float, out_dir: str | Path, codec: dict[str, Any] | None = None, stages: Sequence[str] = STAGES,
-                     lr: float = 1e-3, aux_lr: float = 1e-3, **fit_kwargs: Any) -> Path:
-    """Stage 1 for one β: train, freeze and export ``codec.pt``; returns its path."""
+                     optim: OptimSpec | None = None, aux_lr: float = 1e-2, seed: int = 0, **fit_kwargs: Any) -> Path:
+    """Stage 1 for one β: train (initialised after seeding with ``seed``), freeze and export
+    ``codec.pt``; returns its path."""
     out = Path(out_dir)
+    seed_everything(seed)
     model = Codec(**{"out_channels": stage_channels(arch)["layer1"], **(codec or {})})
-    task = BottleneckTask(model, teacher, beta, stages, lr, aux_lr)
-    history = _fit(task, train_set, val_set=val_set, out_dir=out, **fit_kwargs)
+    task = BottleneckTask(model, teacher, beta, stages, optim, aux_lr)
+    history = _fit(task, train_set, val_set=val_set, out_dir=out, seed=seed, **fit_kwargs)
     model.freeze()
     model.meta = {"beta": beta, "teacher_arch": arch, "stages": list(stages), "history": history}
     return save_codec(model, out / "codec.pt")
@@ -189,15 +196,15 @@ def train_head(model: MultiTaskModel, name: str, train_set: Dataset, *, out_dir:
 
 
 def fit_head(head: Head, train_set: Dataset, *, codec: Codec | None, out_dir: str | Path,
-             val_set: Dataset | None = None, teacher: nn.Module | None = None, lr: float = 1e-3,
-             weight_decay: float = 1e-4, **fit_kwargs: Any) -> dict[str, Any]:
+             val_set: Dataset | None = None, teacher: nn.Module | None = None, optim: OptimSpec | None = None,
+             **fit_kwargs: Any) -> dict[str, Any]:
     """Train ``head`` on ``codec``'s hard-quantized latent (``codec=None``: a reference head on pixels)
     with the engine; saves ``head.pt`` (with the codec's fingerprint) in ``out_dir``.
 
     Returns the engine's history (per-epoch losses and the head evaluator's metrics).
     """
     out = Path(out_dir)
-    task = HeadTask(codec, head, teacher, lr, weight_decay)
+    task = HeadTask(codec, head, teacher, optim)
     history = _fit(task, train_set, val_set=val_set, out_dir=out, **fit_kwargs)
     save_head(head, out / "head.pt", codec.fingerprint if codec is not None else None, history=history)
     return history

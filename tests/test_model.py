@@ -10,6 +10,7 @@ from mtfc.codec import save_codec
 from mtfc.data import build_dataset, make_dataset
 from mtfc.head import HEADS, Head
 from mtfc.model import MultiTaskModel, load_head
+from mtfc.optim import OptimSpec
 from mtfc.train import fit_head, train_head
 
 from conftest import tiny_codec
@@ -125,7 +126,7 @@ def test_classification_fine_tune_learns_from_the_latent(tmp_path, data_root):
     images = torch.utils.data.Subset(build_dataset({"type": "bundled", "root": str(data_root)}, "train"), range(32))
     head = HEADS.build("classification", latent_channels=codec.latent_channels, num_classes=3, hidden_channels=16)
     history = fit_head(head, images, codec=codec, val_set=images, val_every=100, out_dir=tmp_path / "cls",
-                       epochs=15, batch_size=32, lr=3e-3, progress=False)
+                       epochs=15, batch_size=32, optim=OptimSpec(lr=3e-3, schedule="constant"), progress=False)
     losses = [e["train"]["loss"] for e in history["epochs"]]
     assert losses[-1] < 0.1 * losses[0]
     assert history["val"]["top1"] > 100 / 3 + 25, history["val"]

@@ -1,0 +1,87 @@
+"""Optimizer / schedule / clipping specs, config key checking and reproducible initialisation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mtfc.config import check_config
+from mtfc.engine import fit
+from mtfc.optim import OptimSpec, build_optimizer, lr_factor
+
+
+def test_cosine_schedule_known_values():
+    spec = OptimSpec(schedule="cosine", warmup=0.1, final_lr=0.0)
+    # 100 steps: 10 warm-up steps rising linearly to 1, then a half cosine from 1 (step 10) to 0 (step 99)
+    assert lr_factor(spec, 0, 100) == pytest.approx(1 / 11)
+    assert lr_factor(spec, 9, 100) == pytest.approx(10 / 11)
+    assert lr_factor(spec, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(spec, 10 + 89 // 2, 100) == pytest.approx((1 + math.cos(math.pi * 44 / 89)) / 2)
+    assert lr_factor(spec, 99, 100) == pytest.approx(0.0)
+    assert lr_factor(OptimSpec(schedule="cosine", final_lr=0.01, warmup=0.0), 99, 100) == pytest.approx(0.01)
+
+
+def test_onecycle_and_constant_schedules():
+    spec = OptimSpec(schedule="onecycle", warmup=0.25, final_lr=0.0)
+    assert lr_factor(spec, 0, 100) == pytest.approx(1 / 25)
+    assert lr_factor(spec, 25, 100) == pytest.approx(1.0)
+    assert lr_factor(spec, 99, 100) == pytest.approx(0.0)
+    assert all(lr_factor(OptimSpec(schedule="constant"), s, 50) == 1.0 for s in range(50))
+
+
+def test_spec_errors_name_the_key():
+    with pytest.raises(KeyError, match="did you mean 'weight_decay'"):
+        OptimSpec.from_dict({"weight_decy": 0.1}, "teacher.optim")
+    with pytest.raises(ValueError, match="not one of"):
+        OptimSpec(name="lion")
+    with pytest.raises(ValueError, match="clip_grad"):
+        OptimSpec(clip_grad=0)
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    opt = build_optimizer(net.parameters(), OptimSpec(name="adamw", weight_decay=0.5))
+    decays = {p.dim(): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decays == {4: 0.5, 1: 0.0}
+
+
+def test_config_rejects_misspelled_keys():
+    cfg = {"out_dir": "x", "data": {"type": "bundled", "root": "y"}, "teacher": {"arch": "resnet10", "epoch": 5},
+           "bottleneck": {"betas": [1]}}
+    with pytest.raises(KeyError, match="teacher.epoch: did you mean 'epochs'"):
+        check_config(cfg)
+    cfg["teacher"] = {"arch": "resnet10", "optim": {"lr": 1e-3, "shedule": "cosine"}}
+    with pytest.raises(KeyError, match="teacher.optim.shedule: did you mean 'schedule'"):
+        check_config(cfg)
+    cfg["teacher"] = {"arch": "resnet10"}
+    cfg["heads"] = {"cls": {"type": "classification", "kwarg": {}}}
+    with pytest.raises(KeyError, match="heads.cls.kwarg: did you mean 'kwargs'"):
+        check_config(cfg)
+
+
+class _Huge(nn.Module):
+    """Loss 1e6·p: without clipping one SGD step of lr 1 moves p by 1e6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(()))
+
+    def forward(self, batch):
+        return {"loss": 1e6 * self.p}
+
+    def configure_optimizers(self):
+        return {"loss": torch.optim.SGD([self.p], lr=1.0)}
+
+
+def test_engine_clips_gradients_and_records_the_schedule(tmp_path):
+    data = [torch.zeros(1)] * 8
+    task = _Huge()
+    spec = OptimSpec(schedule="cosine", warmup=0.0, final_lr=0.5, clip_grad=0.25)
+    history = fit(task, data, out_dir=tmp_path, epochs=2, batch_size=4, progress=False, optim=spec)
+    # 4 steps, factors 1, (1+cos(pi/3))/2 scaled, ...: each step moves p by exactly lr_t * 0.25
+    expected = -0.25 * sum(lr_factor(spec, s, 4) for s in range(4))
+    assert float(task.p.detach()) == pytest.approx(expected)
+    assert [r["lr"] for r in history["epochs"]] == pytest.approx([lr_factor(spec, 1, 4), lr_factor(spec, 3, 4)])
+    assert all(r["seconds"] > 0 for r in history["epochs"])
