@@ -257,7 +257,7 @@ def _send(args: argparse.Namespace) -> int:
     import os
     from dataclasses import asdict
 
-    from mtfc.deploy.client import Client, send_images
+    from mtfc.deploy.client import Client, ServerError, send_images
 
     if args.encoder:
         from mtfc.deploy.encoder import Encoder
@@ -269,7 +269,11 @@ def _send(args: argparse.Namespace) -> int:
         encoder = load_codec(args.codec)
     token = args.token or os.environ.get("MTFC_TOKEN")
     with Client(args.server, encoder, token=token, verify=args.cacert or True) as client:
-        results = send_images(args.images, client, args.heads.split(",") if args.heads else None, args.size)
+        try:
+            results = send_images(args.images, client, args.heads.split(",") if args.heads else None, args.size)
+        except ServerError as e:
+            print(f"mtfc send: the server refused the request: {e}", file=sys.stderr)
+            return 1
     total = sum(r.bytes_sent for _, r in results)
     print(f"{len(results)} image(s), {total} bytes sent")
     if args.json:
@@ -282,12 +286,14 @@ def _send(args: argparse.Namespace) -> int:
 def _latency_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", help="results.json of a rate–accuracy run (runs/<name>/report/results.json)")
     parser.add_argument("--rate-point", help="mtfc rate point (β) to model (default: its most accurate)")
+    parser.add_argument("--tasks", help="tasks whose accuracy the image codecs must match, comma-separated (default: all)")
     parser.add_argument("--bandwidths", default="0.1,0.2,0.5,1,2,5,10,20,50,100", help="Mbit/s, comma-separated")
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="network round-trip time")
     parser.add_argument("--device-factor", type=float, default=1.0, help="how many times slower the device is than this machine")
     parser.add_argument("--server-factor", type=float, default=1.0, help="edge server time relative to this machine")
     parser.add_argument("--encoder", help="export directory: time the ONNX Runtime encoder (default: PyTorch)")
     parser.add_argument("--codec", help="codec artifact (default: the run's codec at the rate point)")
+    parser.add_argument("--run-dir", help="the run's models, if not at the out_dir its config names")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for the measurements")
     parser.add_argument("--out", help="output directory (default: next to results.json)")
 
@@ -297,10 +303,11 @@ def _latency_options(parser: argparse.ArgumentParser) -> None:
 def _latency(args: argparse.Namespace) -> int:
     from mtfc.deploy.latency import format_table, latency_model
 
-    report = latency_model(args.results, rate_point=args.rate_point,
+    report = latency_model(args.results, rate_point=args.rate_point, tasks=args.tasks.split(",") if args.tasks else None,
                            bandwidths=[float(b) for b in args.bandwidths.split(",")], rtt_ms=args.rtt_ms,
                            device_factor=args.device_factor, server_factor=args.server_factor,
-                           encoder_dir=args.encoder, codec=args.codec, out_dir=args.out, threads=args.threads)
+                           encoder_dir=args.encoder, codec=args.codec, out_dir=args.out, run_dir=args.run_dir,
+                           threads=args.threads)
     print(format_table(report))
     print(f"written to {args.out or Path(args.results).parent}/latency.{{json,md,png}}")
     return 0

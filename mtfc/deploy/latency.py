@@ -30,9 +30,12 @@ from mtfc.deploy.export import median_ms, synthetic_images
 DEFAULT_BANDWIDTHS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)  # Mbit/s
 
 
-def match_baselines(rows: Sequence[dict[str, Any]], rate_point: Any) -> tuple[dict[str, float], dict[str, dict]]:
-    """mtfc's accuracy per task at ``rate_point``, and per offloading method the cheapest matching point."""
-    mtfc = {r["task"]: r for r in rows if r["method"] == "mtfc" and str(r["rate_point"]) == str(rate_point)}
+def match_baselines(rows: Sequence[dict[str, Any]], rate_point: Any,
+                    tasks: Sequence[str] | None = None) -> tuple[dict[str, float], dict[str, dict]]:
+    """mtfc's accuracy per task at ``rate_point``, and per offloading method its cheapest point that
+    reaches that accuracy on every task of ``tasks`` (default: all); failing that, the point that comes closest."""
+    mtfc = {r["task"]: r for r in rows if r["method"] == "mtfc" and str(r["rate_point"]) == str(rate_point)
+            and (not tasks or r["task"] in tasks)}
     if not mtfc:
         points = sorted({str(r["rate_point"]) for r in rows if r["method"] == "mtfc"})
         raise ValueError(f"no mtfc rows at rate point {rate_point!r}; the run has {points}")
@@ -79,12 +82,15 @@ def _server_models(cfg: dict[str, Any], beta: float) -> tuple[Any, dict[str, Any
 
 
 @torch.no_grad()
-def latency_model(results: str | Path, *, rate_point: Any = None, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
+def latency_model(results: str | Path, *, rate_point: Any = None, tasks: Sequence[str] | None = None, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
                   rtt_ms: float = 20.0, device_factor: float = 1.0, server_factor: float = 1.0,
                   encoder_dir: str | Path | None = None, codec: str | Path | None = None,
-                  out_dir: str | Path | None = None, threads: int = 1) -> dict[str, Any]:
+                  out_dir: str | Path | None = None, run_dir: str | Path | None = None, threads: int = 1) -> dict[str, Any]:
     """Build the latency table over ``bandwidths`` (Mbit/s); writes ``latency.json``, ``latency.md`` and
-    ``latency.png`` to ``out_dir`` (default: next to ``results``)."""
+    ``latency.png`` to ``out_dir`` (default: next to ``results``). ``tasks``: the tasks whose accuracy an
+    image codec must match (default: every task of the run); every head is timed either way. ``run_dir``:
+    where the run's models are, if not at the ``out_dir`` its config names (e.g. results copied from
+    another machine, timed with models of the same architectures)."""
     from mtfc.deploy.encoder import Encoder
     from mtfc.evaluation.baselines import roundtrip
     from mtfc.pipeline import Pipeline
@@ -92,10 +98,14 @@ def latency_model(results: str | Path, *, rate_point: Any = None, bandwidths: Se
     results = Path(results)
     data = json.loads(results.read_text())
     rows, cfg = data["rows"], data["provenance"]["config"]
+    if run_dir:
+        old, new = str(cfg["out_dir"]), str(run_dir)
+        root = str(cfg["data"].get("root", ""))
+        cfg = {**cfg, "out_dir": new, "data": {**cfg["data"], "root": new + root[len(old):] if root.startswith(old) else root}}
     if rate_point is None:  # the most accurate mtfc point on the first task
         first = next(r["task"] for r in rows if r["method"] == "mtfc")
         rate_point = max((r for r in rows if r["method"] == "mtfc" and r["task"] == first), key=lambda r: r["metric"])["rate_point"]
-    target, baselines = match_baselines(rows, rate_point)
+    target, baselines = match_baselines(rows, rate_point, tasks)
     mtfc_row = next(r for r in rows if r["method"] == "mtfc" and str(r["rate_point"]) == str(rate_point))
     side = round((8 * mtfc_row["bytes_mean"] / mtfc_row["bpp_mean"]) ** 0.5)  # the run's image size (square)
     image = synthetic_images(1, side, seed=1)
@@ -141,7 +151,7 @@ def latency_model(results: str | Path, *, rate_point: Any = None, bandwidths: Se
             line[name] = (m["device_encode_ms"] * device_factor + 8 * m["bytes"] / (bw * 1e3) + rtt_ms
                           + (m["server_decode_ms"] + m["server_heads_ms"]) * server_factor)
         table.append(line)
-    report = {"results": str(results), "rate_point": rate_point, "image_size": [side, side], "rtt_ms": rtt_ms,
+    report = {"results": str(results), "models": str(cfg["out_dir"]), "rate_point": rate_point, "image_size": [side, side], "rtt_ms": rtt_ms,
               "device_factor": device_factor, "server_factor": server_factor, "threads": threads,
               "device_encoder": "onnxruntime" if encoder_dir else "pytorch", "note": note, "methods": methods,
               "table": table}
