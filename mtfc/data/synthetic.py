@@ -1,8 +1,14 @@
 """The bundled multi-task dataset: a deterministic procedural scene generator and its writer.
 
-Each scene is a textured / gradient / noise background with 1..N shapes of K classes (distinct
-geometry; random colour, texture, scale, rotation, position; later shapes may partly occlude
-earlier ones, each keeps at least half of its area visible). Every image carries all three labels:
+Each scene is 1..N shapes of K classes (each class has its own geometry and its own band of hues;
+random scale, rotation, position;
+later shapes may partly occlude earlier ones, each keeps at least half of its area visible) on a
+background full of *task-irrelevant detail*: a muted texture (smooth noise, stripes, checks or
+waves) plus film grain everywhere. The split is deliberate: what every task needs (which shape,
+where, which pixels) is carried by the silhouette of a bright, saturated object against a darker,
+desaturated background, and is easy to learn; the texture and grain carry no task information but
+cost an image codec many bytes. A supervised codec can learn to drop them — the point of feature
+compression that the demo measures. Every image carries all three labels:
 the image-level class (the largest *visible* object), one box + visible instance mask per object,
 and a semantic mask (0 = background, k+1 = class k). :func:`make_dataset` writes them in standard
 formats (see :data:`LAYOUT`) so the loaders that read real datasets read this one too.
@@ -27,7 +33,7 @@ from pycocotools import mask as mask_utils
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "arrow", "crescent", "ell")
 
 FORMAT = "mtfc-bundled"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: Where every file of a bundled dataset lives, relative to its root (``{split}`` per split).
 LAYOUT = {
@@ -103,8 +109,9 @@ def _rasterize(shape: str, centre: np.ndarray, radius: float, angle: float, size
     return mask.astype(bool)
 
 
-def _colour(rng: np.random.Generator, saturation: tuple[float, float], value: tuple[float, float]) -> np.ndarray:
-    rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*saturation), rng.uniform(*value))
+def _colour(rng: np.random.Generator, saturation: tuple[float, float], value: tuple[float, float],
+            hue: float | None = None) -> np.ndarray:
+    rgb = colorsys.hsv_to_rgb(rng.random() if hue is None else hue % 1.0, rng.uniform(*saturation), rng.uniform(*value))
     return np.array(rgb) * 255.0
 
 
@@ -129,9 +136,16 @@ def _pattern(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, size: int
     return 0.5 + 0.5 * np.sin(u * frequency + 2 * np.sin(v * frequency * 0.5))
 
 
+#: Object colours are saturated and bright, background colours muted and darker: the silhouette is
+#: always visible, whatever the texture.
+_OBJECT_SV = ((0.8, 1.0), (0.8, 1.0))
+_BACKGROUND_SV = ((0.0, 0.3), (0.1, 0.45))
+_GRAIN = (6.0, 14.0)       # std of the per-pixel film grain, in 8-bit levels (drawn per image)
+
+
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-    low, high = _colour(rng, (0.0, 0.45), (0.15, 0.9)), _colour(rng, (0.0, 0.45), (0.15, 0.9))
+    low, high = _colour(rng, *_BACKGROUND_SV), _colour(rng, *_BACKGROUND_SV)
     kind = rng.integers(3)
     if kind == 0:
         t = _ramp(rng, ys, xs, size)
@@ -144,18 +158,21 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return low + t[..., None] * (high - low)
 
 
-def _paint(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> None:
-    """Fill ``mask`` in ``image`` with a random solid / gradient / textured / speckled colour."""
+def class_hue(rng: np.random.Generator, cls: int, num_classes: int) -> float:
+    """A hue from class ``cls``'s band: bands of width 1/(2K) centred on (k + ½)/K, gaps of the same width."""
+    return (cls + 0.5 + rng.uniform(-0.25, 0.25)) / num_classes
+
+
+def _paint(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, hue: float) -> None:
+    """Fill ``mask`` in ``image`` with a saturated colour of ``hue``, plain or with a faint gradient / pattern."""
     ys, xs = np.nonzero(mask)
-    base = _colour(rng, (0.5, 1.0), (0.45, 1.0))
-    kind = rng.integers(4)
+    base = _colour(rng, *_OBJECT_SV, hue=hue)
+    kind = rng.integers(3)
     if kind == 0:
         pixels = np.broadcast_to(base, (len(ys), 3))
-    elif kind == 3:
-        pixels = base + rng.normal(0, 25, (len(ys), 3))
     else:
         t = _ramp(rng, ys, xs, image.shape[0]) if kind == 1 else _pattern(rng, ys, xs, image.shape[0])
-        pixels = base + t[:, None] * (_colour(rng, (0.5, 1.0), (0.45, 1.0)) - base)
+        pixels = base * (0.8 + 0.2 * t[:, None])
     image[ys, xs] = pixels
 
 
@@ -185,11 +202,12 @@ def generate_scene(rng: np.random.Generator, image_size: int, num_classes: int, 
                 owner = candidate
                 full_areas.append(area)
                 classes.append(cls)
-                _paint(rng, image, mask)
+                _paint(rng, image, mask, class_hue(rng, cls, num_classes))
                 break
     if not classes:  # only reachable for image sizes where every shape rasterises below min_area
         raise RuntimeError(f"could not place any object in a {size}x{size} image")
-    image = cv2.GaussianBlur(image, (0, 0), 0.6) + 4.0 * rng.standard_normal(image.shape, dtype=np.float32)
+    grain = rng.uniform(*_GRAIN)
+    image = cv2.GaussianBlur(image, (0, 0), 0.6) + grain * rng.standard_normal(image.shape, dtype=np.float32)
     masks = owner[None] == np.arange(len(classes), dtype=np.int16)[:, None, None]
     sem_seg = np.zeros((size, size), np.uint8)
     for cls, mask in zip(classes, masks):
