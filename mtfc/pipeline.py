@@ -152,7 +152,7 @@ class Pipeline:
                 train_bottleneck(self.dataset(b, "train", train=True), self.dataset(b, "val", train=False),
                                  copy.deepcopy(teacher), arch=self.cfg["teacher"]["arch"], beta=beta,
                                  out_dir=path.parent, codec=b.get("codec"), stages=b.get("stages", STAGES),
-                                 aux_lr=b.get("aux_lr", 1e-2), **self.fit_kwargs(b))
+                                 aux_lr=b.get("aux_lr", 1e-2), entropy_lr=b.get("entropy_lr"), **self.fit_kwargs(b))
             paths[beta] = path
         return paths
 

@@ -63,10 +63,11 @@ class BottleneckTask(nn.Module):
     """
 
     def __init__(self, codec: Codec, teacher: nn.Module, beta: float, stages: Sequence[str] = STAGES,
-                 optim: OptimSpec | None = None, aux_lr: float = 1e-2) -> None:
+                 optim: OptimSpec | None = None, aux_lr: float = 1e-2, entropy_lr: float | None = None) -> None:
         super().__init__()
         self.codec, self.teacher = codec, _frozen(teacher)
         self.beta, self.stages, self.optim, self.aux_lr = beta, tuple(stages), optim or OptimSpec(), aux_lr
+        self.entropy_lr = entropy_lr
 
     def train(self, mode: bool = True) -> BottleneckTask:
         super().train(mode)
@@ -87,9 +88,18 @@ class BottleneckTask(nn.Module):
         return {"loss": distill + self.beta * bpp, "aux_loss": self.codec.aux_loss(), "distill": distill, "bpp": bpp}
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        main = [p for n, p in self.codec.named_parameters() if not n.endswith(".quantiles")]
-        aux = [p for n, p in self.codec.named_parameters() if n.endswith(".quantiles")]
-        return {"loss": build_optimizer(main, self.optim), "aux_loss": torch.optim.Adam(aux, self.aux_lr)}
+        """Encoder and decoder with ``optim``; the entropy model's density with ``entropy_lr`` (its
+        learned prior starts broad, init_scale 10, and must narrow within the budget for the rate to
+        follow β); the quantiles with Adam at ``aux_lr``."""
+        groups: dict[str, list[nn.Parameter]] = {"main": [], "density": [], "aux": []}
+        for name, p in self.codec.named_parameters():
+            kind = ("aux" if name.endswith(".quantiles") else "density" if "entropy_bottleneck." in name
+                    else "main")
+            groups[kind].append(p)
+        entropy_lr = self.entropy_lr or self.optim.lr
+        main = build_optimizer(groups["main"], self.optim)
+        main.add_param_group({"params": groups["density"], "lr": entropy_lr, "weight_decay": 0.0})
+        return {"loss": main, "aux_loss": torch.optim.Adam(groups["aux"], self.aux_lr)}
 
     @torch.no_grad()
     def validate(self, loader: DataLoader) -> dict[str, float]:
@@ -176,13 +186,14 @@ def train_teacher(train_set: Dataset, val_set: Dataset | None, *, arch: str, num
 
 def train_bottleneck(train_set: Dataset, val_set: Dataset | None, teacher: nn.Module, *, arch: str,
                      beta: float, out_dir: str | Path, codec: dict[str, Any] | None = None, stages: Sequence[str] = STAGES,
-                     optim: OptimSpec | None = None, aux_lr: float = 1e-2, seed: int = 0, **fit_kwargs: Any) -> Path:
+                     optim: OptimSpec | None = None, aux_lr: float = 1e-2, entropy_lr: float | None = None,
+                     seed: int = 0, **fit_kwargs: Any) -> Path:
     """Stage 1 for one β: train (initialised after seeding with ``seed``), freeze and export
     ``codec.pt``; returns its path."""
     out = Path(out_dir)
     seed_everything(seed)
     model = Codec(**{"out_channels": stage_channels(arch)["layer1"], **(codec or {})})
-    task = BottleneckTask(model, teacher, beta, stages, optim, aux_lr)
+    task = BottleneckTask(model, teacher, beta, stages, optim, aux_lr, entropy_lr)
     history = _fit(task, train_set, val_set=val_set, out_dir=out, seed=seed, **fit_kwargs)
     model.freeze()
     model.meta = {"beta": beta, "teacher_arch": arch, "stages": list(stages), "history": history}
