@@ -162,23 +162,12 @@ def _check_images(data: str | None, n: int, size: int):
 
 @command("export", "export the device encoder (ONNX) and check its streams against PyTorch's")(_export_options)
 def _export(args: argparse.Namespace) -> int:
-    import json
-
-    from mtfc.deploy.export import export_report
+    from mtfc.deploy.export import export_report, format_report
 
     images = _check_images(args.data, args.check, args.size) if args.check else None
     report = export_report(args.codec, args.out, fmt=args.format, images=images, benchmark=args.benchmark,
                            threads=args.threads)
-    print(f"encoder: {report['encoder_params']} parameters, {report['encoder_kmac_per_pixel']:.1f} kMAC/pixel")
-    if "exactness" in report:
-        e = report["exactness"]
-        print(f"streams identical to PyTorch's: {e['identical_streams']}/{e['images']} "
-              f"({e['flipped_latent_elements']} latent elements rounded differently; max |Δy| {e['max_abs_y_difference']:.2e})")
-    for size, t in report.get("speed", {}).get("sizes", {}).items():
-        print(f"{size}x{size}, batch 1, {args.threads} thread(s): network PyTorch {t['pytorch_network_ms']:.2f} ms, "
-              f"ONNX Runtime {t['onnxruntime_network_ms']:.2f} ms; entropy coding {t['entropy_coding_ms']:.2f} ms; "
-              f"encode total {t['pytorch_encode_ms']:.2f} vs {t['onnxruntime_encode_ms']:.2f} ms")
-    print(f"written to {report['export_dir']} (report.json: {json.dumps(report.get('exactness', {}))})")
+    print(format_report(report))
     return 0
 
 

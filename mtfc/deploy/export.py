@@ -168,3 +168,19 @@ def export_report(codec_path: str | Path, out_dir: str | Path, *, fmt: str = "on
         report["speed"] = benchmark_encoder(encoder)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The lines ``mtfc export`` prints: complexity, exactness, speed, where the files are."""
+    lines = [f"encoder: {report['encoder_params']} parameters, {report['encoder_kmac_per_pixel']:.1f} kMAC/pixel"]
+    if "exactness" in report:
+        e = report["exactness"]
+        lines.append(f"streams identical to PyTorch's: {e['identical_streams']}/{e['images']} ({e['flipped_latent_elements']} "
+                     f"latent elements rounded differently; max |Δy| {e['max_abs_y_difference']:.2e})")
+    speed = report.get("speed", {})
+    for size, t in speed.get("sizes", {}).items():
+        lines.append(f"{size}x{size}, batch 1, {speed['threads']} thread(s): network PyTorch {t['pytorch_network_ms']:.2f} ms, "
+                     f"ONNX Runtime {t['onnxruntime_network_ms']:.2f} ms; entropy coding {t['entropy_coding_ms']:.2f} ms; "
+                     f"whole encode {t['pytorch_encode_ms']:.2f} vs {t['onnxruntime_encode_ms']:.2f} ms")
+    lines.append(f"written to {report['export_dir']} (report.json has every number)")
+    return "\n".join(lines)

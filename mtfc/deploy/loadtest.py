@@ -157,6 +157,7 @@ def load_test(codec: str | Path, heads: dict[str, str | Path], images: Sequence[
     log = Path(log_dir or tempfile.mkdtemp(prefix="mtfc-loadtest-")) / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     model = load_model(codec, heads, imports)
+    torch.set_num_threads(config.threads)  # as in the server: another thread count sums in another order
     streams = [model.codec.encode(x)[0] for x in images]
     bad = bad_bodies(streams[0], config.max_body_bytes)
     expected = expected_predictions(model, streams)

@@ -24,7 +24,7 @@ import hmac
 import importlib.metadata
 import platform
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,8 +108,9 @@ class Metrics:
 class Batcher:
     """Dynamic batching of decoded latents; one worker thread runs the heads.
 
-    Requests with the same latent shape and heads are run together; a batch that fails is re-run one
-    request at a time, so only the request that caused the failure gets the error.
+    Requests with the same latent shape and heads are run together: the group of the oldest waiting
+    request runs as soon as it holds ``max_batch`` requests or that request has waited ``max_wait_ms``.
+    A batch that fails is re-run one request at a time, so only the request that caused it gets the error.
     """
 
     def __init__(self, model: MultiTaskModel, max_batch: int, max_wait_ms: float, metrics: Metrics) -> None:
@@ -125,21 +126,30 @@ class Batcher:
         return await future
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        pending: dict[Any, list] = {}  # (latent shape, heads) -> requests waiting, oldest first
+
+        def take(item: tuple) -> None:
+            pending.setdefault(item[0], []).append(item)
+
         while True:
-            items = [await self.queue.get()]
-            deadline = loop.time() + self.max_wait
-            while len(items) < self.max_batch:
+            if not pending:
+                take(await self.queue.get())
+            key = min(pending, key=lambda k: pending[k][0][3])  # the oldest request's group runs next
+            deadline = pending[key][0][3] + self.max_wait
+            while len(pending[key]) < self.max_batch:
+                while self.queue.qsize():
+                    take(self.queue.get_nowait())
+                timeout = deadline - time.perf_counter()
+                if len(pending[key]) >= self.max_batch or timeout <= 0:
+                    break
                 try:
-                    items.append(self.queue.get_nowait() if self.queue.qsize() else
-                                 await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
+                    take(await asyncio.wait_for(self.queue.get(), timeout))
                 except asyncio.TimeoutError:
                     break
-            groups: dict[Any, list] = defaultdict(list)
-            for item in items:
-                groups[item[0]].append(item)
-            for (_, heads), group in groups.items():
-                await self._run_group(heads, group)
+            group, pending[key] = pending[key][: self.max_batch], pending[key][self.max_batch :]
+            if not pending[key]:
+                del pending[key]
+            await self._run_group(key[1], group)
 
     async def _run_group(self, heads: tuple[str, ...], group: list) -> None:
         loop = asyncio.get_running_loop()
