@@ -170,7 +170,7 @@ def test_client_round_trip_through_a_real_server(server, artifacts, model, tmp_p
 
 def test_load_test_against_a_real_server(artifacts):
     images = [synthetic_images(1, 32, seed=i) for i in range(4)] + [synthetic_images(1, 64, seed=9)]
-    report = load_test(artifacts["codec"], {"cla": artifacts["heads"]["cla"]}, images, requests=80, concurrency=8, bad_fraction=0.3,
+    report = load_test(artifacts["codec"], {"cla": artifacts["heads"]["cla"]}, images, requests=48, concurrency=8, bad_fraction=0.3,
                        config=ServerConfig(max_body_bytes=8192), progress=False)
     assert report["valid_mismatched"] == 0 and not report["wrong_status"], report
     assert report["server_alive_and_healthy"]
