@@ -255,25 +255,21 @@ class Pipeline:
         prov = collect_provenance(config=self.cfg, seed=self.seed, device=self.device, command=command)
         return write_report(rows, self.out / "report", provenance=prov, training=self.training_logs())
 
-    def training_logs(self) -> dict[str, tuple[dict[str, list], list[tuple[str, str]]]]:
-        """Every stage's per-epoch records (from the engine's ``log.jsonl``) and the curves to plot."""
+    def training_logs(self) -> dict[str, tuple[dict[str, Path], list[tuple[str, str]]]]:
+        """Every stage's runs (name → the engine's out_dir) and the curves to plot for it."""
         from mtfc.evaluation.curves import read_log
 
-        def logs(paths: dict[str, Path]) -> dict[str, list]:
-            return {name: read_log(p / "log.jsonl") for name, p in paths.items() if (p / "log.jsonl").is_file()}
-
-        stages = {"teacher": (logs({"teacher": self.out / "teacher"}),
-                              [("train", "loss"), ("train", "acc"), ("val", "top1")]),
-                  "bottleneck": (logs({f"β={b:g}": self.codec_path(b).parent for b in self.betas()}),
+        stages = {"teacher": ({"teacher": self.out / "teacher"}, [("train", "loss"), ("train", "acc"), ("val", "top1")]),
+                  "bottleneck": ({f"β={b:g}": self.codec_path(b).parent for b in self.betas()},
                                  [("train", "loss"), ("train", "distill"), ("train", "bpp"), ("val", "bpp_est"),
                                   ("train", "aux_loss"), ("val", "student_top1")])}
         for name in self.cfg.get("heads", {}):
             runs = {"reference": self.head_path(None, name).parent,
                     **{f"β={b:g}": self.head_path(b, name).parent for b in self.betas()}}
-            found = logs(runs)
-            val_keys = next((list(r["val"]) for h in found.values() for r in h if r.get("val")), [])
-            stages[f"head {name}"] = (found, [("train", "loss")] + [("val", k) for k in val_keys if "-" not in k][:3])
-        return {k: v for k, v in stages.items() if v[0]}
+            val_keys = next((list(r["val"]) for d in runs.values() for r in read_log(d) if r.get("val")), [])
+            stages[f"head {name}"] = (runs, [("train", "loss")] + [("val", k) for k in val_keys
+                                                                   if "-" not in k and "." not in k][:3])
+        return {k: v for k, v in stages.items() if any(read_log(d) for d in v[0].values())}
 
     def run(self, command: str | None = None) -> dict[str, Path]:
         """Every stage in order; finished stages are skipped, an interrupted one resumes."""

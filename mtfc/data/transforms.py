@@ -63,6 +63,9 @@ class SampleTransform:
         self.size = size_hw(image_size)
         self.compose = build_transforms(self.size, train=train, **augment)
         self._worker_seed: int | None = None
+        # Without workers, random augmentations draw their seed from torch's generator, which the
+        # engine seeds and checkpoints: runs are reproducible and resume exactly.
+        self._seed_from_torch = train and augment.get("seed") is None
 
     def __call__(self, sample: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, Any]]:
         worker = torch.utils.data.get_worker_info()
@@ -71,6 +74,8 @@ class SampleTransform:
             # derived from torch's per-worker seed (new every epoch; fixed by torch.manual_seed).
             self._worker_seed = worker.seed
             self.compose.set_random_seed(worker.seed % 2**32)
+        elif worker is None and self._seed_from_torch:
+            self.compose.set_random_seed(int(torch.randint(2**31, ())))
         data: dict[str, Any] = {"image": sample["image"]}
         has_boxes, has_masks = "boxes" in sample, "masks" in sample
         count = len(sample["boxes"]) if has_boxes else 0

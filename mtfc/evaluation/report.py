@@ -24,7 +24,7 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from mtfc.evaluation.curves import Histories, timing_rows, write_curves
+from mtfc.evaluation.curves import Runs, timing_rows, write_curves
 from matplotlib.ticker import FuncFormatter
 
 from mtfc.evaluation.bdrate import bd_metric, bd_rate, upper_envelope
@@ -173,12 +173,13 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
 
 def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *, provenance: Mapping[str, Any],
                  anchor_method: str = "mtfc", reference_method: str = "uncompressed",
-                 training: Mapping[str, tuple[Histories, Sequence[tuple[str, str]]]] | None = None) -> dict[str, Path]:
+                 training: Mapping[str, tuple[Runs, Sequence[tuple[str, str]]]] | None = None) -> dict[str, Path]:
     """Write ``results.csv``, ``results.json``, ``bd_rate.csv``, ``plots/<task>.png`` and ``report.md``
     into ``out_dir``; return their paths (keys ``csv``, ``json``, ``bd_rate``, ``markdown``, ``plot/<task>``).
 
-    ``training`` (stage → (run name → per-epoch records, the ``(split, key)`` curves to plot)) adds a
-    section with each stage's training curves (``training/<stage>.png``) and its time and images/s.
+    ``training`` (stage → (run name → the engine's ``out_dir`` of that run, the ``(split, key)`` curves
+    to plot)) adds a section with each stage's training curves (``training/<stage>.png``, per step)
+    and each run's time and images/s.
 
     ``provenance`` needs the keys of :data:`PROVENANCE_KEYS` (see :func:`collect_provenance`).
     """
@@ -232,13 +233,13 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, 
         md += ["", f"![{task}: rate vs {metric_name}]({plot.relative_to(out).as_posix()})"]
 
     if training:
-        md += ["", "## Training", "", "Every stage's curves (epoch means of the training losses; validation "
-               "metrics where it ran) and its cost on this machine.", ""]
+        md += ["", "## Training", "", "Every stage's curves (training scalars per step, smoothed over ~2 % of the "
+               "steps; validation metrics where it ran) and each run's cost on this machine.", ""]
         timing = timing_rows({stage: runs for stage, (runs, _) in training.items()})
         md += _table(["stage", "run", "epochs", "steps", "time (s)", "images/s", "last train loss", "last validation"],
                      [[t["stage"], t["run"], str(t["epochs"]), str(t["steps"]), _fmt(t["seconds"], ".1f"),
                        _fmt(t["images_per_s"], ".1f"), _fmt(t["train_loss"]),
-                       ", ".join(f"{k} {_fmt(v)}" for k, v in t["val"].items() if not k.startswith("AP-"))]
+                       ", ".join(f"{k} {_fmt(v)}" for k, v in t["val"].items() if "-" not in k and "." not in k)]
                       for t in timing])
         for stage, plot in write_curves(training, out).items():
             paths[f"training/{stage}"] = plot
