@@ -176,7 +176,7 @@ def _heads(specs: list[str]) -> dict[str, str]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"--head takes NAME=PATH (e.g. cls=runs/demo/heads/beta_4/classification/head.pt), got {spec!r}")
+            raise SystemExit(f"--head takes NAME=PATH (e.g. cls=runs/demo/heads/beta_1/classification/head.pt), got {spec!r}")
         heads[name] = path
     return heads
 

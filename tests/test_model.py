@@ -136,7 +136,7 @@ def test_readme_user_head_example_runs_verbatim(tmp_path, monkeypatch, data_root
     text = README.read_text()
     code = re.search(r"<!-- example: user-head -->\n```python\n(.*?)```", text, re.S).group(1)
     monkeypatch.chdir(tmp_path)
-    save_codec(tiny_codec(), "runs/demo/bottleneck/beta_4/codec.pt")
+    save_codec(tiny_codec(), "runs/demo/bottleneck/beta_1/codec.pt")
     Path("runs/demo").mkdir(parents=True, exist_ok=True)
     Path("runs/demo/data").symlink_to(data_root)
     scope: dict = {"__name__": "readme_example"}
