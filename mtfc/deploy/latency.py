@@ -30,11 +30,19 @@ from mtfc.deploy.export import median_ms, synthetic_images
 DEFAULT_BANDWIDTHS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)  # Mbit/s
 
 
+def _same_point(a: Any, b: Any) -> bool:
+    """Rate points as the user writes them: ``3`` names β = 3.0."""
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
 def match_baselines(rows: Sequence[dict[str, Any]], rate_point: Any,
                     tasks: Sequence[str] | None = None) -> tuple[dict[str, float], dict[str, dict]]:
     """mtfc's accuracy per task at ``rate_point``, and per offloading method its cheapest point that
     reaches that accuracy on every task of ``tasks`` (default: all); failing that, the point that comes closest."""
-    mtfc = {r["task"]: r for r in rows if r["method"] == "mtfc" and str(r["rate_point"]) == str(rate_point)
+    mtfc = {r["task"]: r for r in rows if r["method"] == "mtfc" and _same_point(r["rate_point"], rate_point)
             and (not tasks or r["task"] in tasks)}
     if not mtfc:
         points = sorted({str(r["rate_point"]) for r in rows if r["method"] == "mtfc"})
@@ -106,7 +114,7 @@ def latency_model(results: str | Path, *, rate_point: Any = None, tasks: Sequenc
         first = next(r["task"] for r in rows if r["method"] == "mtfc")
         rate_point = max((r for r in rows if r["method"] == "mtfc" and r["task"] == first), key=lambda r: r["metric"])["rate_point"]
     target, baselines = match_baselines(rows, rate_point, tasks)
-    mtfc_row = next(r for r in rows if r["method"] == "mtfc" and str(r["rate_point"]) == str(rate_point))
+    mtfc_row = next(r for r in rows if r["method"] == "mtfc" and _same_point(r["rate_point"], rate_point))
     side = round((8 * mtfc_row["bytes_mean"] / mtfc_row["bpp_mean"]) ** 0.5)  # the run's image size (square)
     image = synthetic_images(1, side, seed=1)
 
