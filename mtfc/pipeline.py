@@ -257,7 +257,7 @@ class Pipeline:
 
     def training_logs(self) -> dict[str, tuple[dict[str, Path], list[tuple[str, str]]]]:
         """Every stage's runs (name → the engine's out_dir) and the curves to plot for it."""
-        from mtfc.evaluation.curves import read_log
+        from mtfc.evaluation.curves import headline, read_log
 
         stages = {"teacher": ({"teacher": self.out / "teacher"}, [("train", "loss"), ("train", "acc"), ("val", "top1")]),
                   "bottleneck": ({f"β={b:g}": self.codec_path(b).parent for b in self.betas()},
@@ -267,8 +267,7 @@ class Pipeline:
             runs = {"reference": self.head_path(None, name).parent,
                     **{f"β={b:g}": self.head_path(b, name).parent for b in self.betas()}}
             val_keys = next((list(r["val"]) for d in runs.values() for r in read_log(d) if r.get("val")), [])
-            stages[f"head {name}"] = (runs, [("train", "loss")] + [("val", k) for k in val_keys
-                                                                   if "-" not in k and "." not in k][:3])
+            stages[f"head {name}"] = (runs, [("train", "loss")] + [("val", k) for k in headline(val_keys)[:3]])
         return {k: v for k, v in stages.items() if any(read_log(d) for d in v[0].values())}
 
     def run(self, command: str | None = None) -> dict[str, Path]:

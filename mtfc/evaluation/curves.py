@@ -16,6 +16,11 @@ Runs = Mapping[str, Path]
 Series = tuple[list[int], list[float]]
 
 
+def headline(metrics: Sequence[str]) -> list[str]:
+    """The summary metrics among an evaluator's keys, without per-class ones (``AP-circle``, ``IoU.star``)."""
+    return [k for k in metrics if "-" not in k and "." not in k]
+
+
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
     """The per-epoch records of one training run (``log.jsonl``); empty if it has none."""
     path = Path(run_dir) / "log.jsonl"
@@ -111,7 +116,7 @@ def write_curves(stages: Mapping[str, tuple[Runs, Sequence[tuple[str, str]]]], o
     paths = {}
     for stage, (runs, keys) in stages.items():
         path = Path(out_dir) / "training" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stage)}.png"
-        series = {name: read_series(run_dir) for name, run_dir in runs.items() if read_log(run_dir)}
+        series = {name: s for name, run_dir in runs.items() if (s := read_series(run_dir))}
         if plot_stage(stage, series, keys, path):
             paths[stage] = path
     return paths

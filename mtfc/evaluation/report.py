@@ -24,7 +24,7 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from mtfc.evaluation.curves import Runs, timing_rows, write_curves
+from mtfc.evaluation.curves import Runs, headline, timing_rows, write_curves
 from matplotlib.ticker import FuncFormatter
 
 from mtfc.evaluation.bdrate import bd_metric, bd_rate, upper_envelope
@@ -239,7 +239,7 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, 
         md += _table(["stage", "run", "epochs", "steps", "time (s)", "images/s", "last train loss", "last validation"],
                      [[t["stage"], t["run"], str(t["epochs"]), str(t["steps"]), _fmt(t["seconds"], ".1f"),
                        _fmt(t["images_per_s"], ".1f"), _fmt(t["train_loss"]),
-                       ", ".join(f"{k} {_fmt(v)}" for k, v in t["val"].items() if "-" not in k and "." not in k)]
+                       ", ".join(f"{k} {_fmt(t['val'][k])}" for k in headline(t["val"]))]
                       for t in timing])
         for stage, plot in write_curves(training, out).items():
             paths[f"training/{stage}"] = plot
