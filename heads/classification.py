@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtfc.head import HEADS, Head, LatentResNet, Targets
+from mtfc.head import HEADS, Distillation, Head, LatentResNet, Targets
 from mtfc.metrics import ClassificationEvaluator
 
 
@@ -15,9 +15,9 @@ from mtfc.metrics import ClassificationEvaluator
 class ClassificationHead(Head):
     """Decoder → the teacher's ``layer2..layer4`` → pooled linear classifier.
 
-    Trained with cross-entropy on the labels plus, when the batch carries ``"teacher_logits"``,
-    Hinton's KL distillation at ``temperature`` (weight ``alpha``; the engine adds the teacher's logits).
-    In eval mode it returns one logits vector per image.
+    Trained with cross-entropy on the labels plus, when distilling (from its reference: the teacher
+    as a classification head on pixels), Hinton's KL distillation at ``temperature`` (weight ``alpha``).
+    :meth:`predict` returns one logits vector per image.
     """
 
     task = "classification"
@@ -36,21 +36,23 @@ class ClassificationHead(Head):
         if teacher.fc.out_features == self.num_classes:
             self.fc.load_state_dict(teacher.fc.state_dict())
 
-    def forward(self, latent: torch.Tensor, targets: Targets | None = None) -> Any:
-        logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(self.trunk(latent)["layer4"], 1), 1))
-        if not self.training:
-            return list(logits)
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.trunk(x)["layer4"], 1), 1))
+
+    def predict(self, latent: torch.Tensor, targets: Targets | None = None) -> list[torch.Tensor]:
+        return list(self.logits(latent))
+
+    def loss(self, latent: torch.Tensor, targets: Targets, distill: Distillation | None = None) -> dict[str, torch.Tensor]:
+        logits = self.logits(latent)
         labels = torch.as_tensor([int(t["label"]) for t in targets], device=logits.device)
-        losses = {"loss_ce": (1 - self.alpha) * F.cross_entropy(logits, labels)}
-        if "teacher_logits" in targets[0]:
-            T = self.temperature
-            teacher = torch.stack([t["teacher_logits"] for t in targets])
-            kl = F.kl_div(F.log_softmax(logits / T, 1), F.log_softmax(teacher / T, 1), reduction="batchmean",
-                          log_target=True)
-            losses["loss_kd"] = self.alpha * T * T * kl
-        else:
-            losses["loss_ce"] = F.cross_entropy(logits, labels)
-        return losses
+        if distill is None:
+            return {"loss_ce": F.cross_entropy(logits, labels)}
+        with torch.no_grad():
+            teacher = distill.model.logits(distill.images)
+        T = self.temperature
+        kl = F.kl_div(F.log_softmax(logits / T, 1), F.log_softmax(teacher / T, 1), reduction="batchmean",
+                      log_target=True)
+        return {"loss_ce": (1 - self.alpha) * F.cross_entropy(logits, labels), "loss_kd": self.alpha * T * T * kl}
 
     def build_evaluator(self, dataset: Any = None) -> ClassificationEvaluator:
         return ClassificationEvaluator(self.num_classes)

@@ -22,6 +22,7 @@ import hashlib
 import io
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,9 +35,11 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
+from torch import nn
 
 from mtfc.codec import Codec
-from mtfc.head import HEADS, Head, LatentResNet, Targets
+from mtfc.distill import bounded_regression, hint_loss, weighted_soft_ce
+from mtfc.head import HEADS, Distillation, Head, LatentResNet, Targets
 from mtfc.teacher import STAGES
 
 with warnings.catch_warnings():  # detectron2.model_zoo imports pkg_resources, which setuptools deprecates
@@ -131,12 +134,26 @@ def detectron2_config(num_classes: int, latent_channels: int | None, *, arch: st
     return cfg
 
 
+@dataclass(frozen=True)
+class DetectionKD:
+    """Weights of Chen et al.'s detection distillation (their defaults): ``mu`` splits the box classifier's
+    loss between the labels and the teacher's soft labels (at ``temperature``, background weighted
+    ``bg_weight``); ``bounded`` weighs the teacher-bounded regression (``margin`` m); ``hint`` the FPN hint loss."""
+
+    mu: float = 0.5
+    temperature: float = 1.0
+    bg_weight: float = 1.5
+    bounded: float = 0.5
+    margin: float = 0.0
+    hint: float = 0.5
+
+
 @HEADS.register("detection")
 class DetectionHead(Head):
     """Faster R-CNN (Detectron2, FPN) on ŷ: :class:`LatentBackbone` + FPN → RPN → ``StandardROIHeads``.
 
-    Training: ``head(latent, targets)`` returns Detectron2's losses (``loss_rpn_cls``, ``loss_rpn_loc``,
-    ``loss_cls``, ``loss_box_reg``). Eval: one ``{"instances": Instances}`` per image — Detectron2's
+    :meth:`loss` returns Detectron2's losses (``loss_rpn_cls``, ``loss_rpn_loc``, ``loss_cls``,
+    ``loss_box_reg``; distilled, also ``loss_cls_kd``, ``loss_box_bounded``, ``loss_hint``). :meth:`predict`: one ``{"instances": Instances}`` per image — Detectron2's
     model output, with ``pred_boxes`` (XYXY pixels of the fed image, like the targets' ``boxes``),
     ``scores`` and ``pred_classes`` (0..K-1) — which :class:`DetectionEvaluator` scores. Image sizes
     come from the targets' ``image_size``, else from the latent (× 4). Inputs must be multiples of
@@ -150,6 +167,8 @@ class DetectionHead(Head):
             teacher (:meth:`~mtfc.head.Head.init_from_teacher`) and the codec's decoder.
         image_size: training image size (int or [H, W]); sets the anchor sizes.
         fpn_channels, fc_dim, proposals, rois_per_image, anchor_sizes, overrides: see :func:`detectron2_config`.
+        kd: the weights of the distillation from the reference detector (``distill: true`` in its
+            config), as :class:`DetectionKD`'s fields.
     """
 
     task = "detection"
@@ -159,8 +178,10 @@ class DetectionHead(Head):
     def __init__(self, latent_channels: int | None, num_classes: int, arch: str = "resnet18",
                  hidden_channels: int = 96, image_size: int | Sequence[int] = 64, fpn_channels: int = 128,
                  fc_dim: int = 256, proposals: int = 100, rois_per_image: int = 64,
-                 anchor_sizes: Sequence[int] | None = None, overrides: Sequence[Any] | None = None) -> None:
+                 anchor_sizes: Sequence[int] | None = None, overrides: Sequence[Any] | None = None,
+                 kd: dict[str, float] | None = None) -> None:
         super().__init__()
+        self.kd = DetectionKD(**(kd or {}))
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
@@ -171,20 +192,67 @@ class DetectionHead(Head):
                                      anchor_sizes=anchor_sizes, overrides=overrides)
         self.detector = build_model(self.cfg)
 
-    def forward(self, latent: torch.Tensor, targets: Targets | None = None) -> Any:
+    def predict(self, latent: torch.Tensor, targets: Targets | None = None) -> list[dict[str, Instances]]:
         images = self._image_list(latent, targets)
         det = self.detector
-        if not self.training:
-            features = det.backbone(latent)
-            proposals, _ = det.proposal_generator(images, features, None)
-            results, _ = det.roi_heads(images, features, proposals, None)
-            return [{"instances": r} for r in results]
+        features = det.backbone(latent)
+        proposals, _ = det.proposal_generator(images, features, None)
+        results, _ = det.roi_heads(images, features, proposals, None)
+        return [{"instances": r} for r in results]
+
+    def loss(self, latent: torch.Tensor, targets: Targets, distill: Distillation | None = None) -> dict[str, torch.Tensor]:
+        images = self._image_list(latent, targets)
         gt = self._gt_instances(targets, images.image_sizes, latent.device)
+        det = self.detector
         features = det.backbone(latent)
         with EventStorage():  # Detectron2's RPN and ROI heads log training statistics to the current storage
             proposals, proposal_losses = det.proposal_generator(images, features, gt)
-            _, detector_losses = det.roi_heads(images, features, proposals, gt)
+            if distill is None:
+                _, detector_losses = det.roi_heads(images, features, proposals, gt)
+            else:
+                detector_losses = self._distilled_roi_losses(features, proposals, gt, distill)
         return {**proposal_losses, **detector_losses}
+
+    def _distilled_roi_losses(self, features: dict[str, torch.Tensor], proposals: list[Instances],
+                              gt: list[Instances], distill: Distillation) -> dict[str, torch.Tensor]:
+        """Chen et al. (NeurIPS 2017) on Detectron2's box head: the ROI head's own losses on the sampled
+        proposals, with ``loss_cls`` weighted by ``μ`` and joined by the teacher's soft labels
+        (class-weighted, weight 1 − μ), the teacher-bounded regression and the FPN hint loss."""
+        kd, rh = self.kd, self.detector.roi_heads
+        teacher = distill.model.detector
+        proposals = rh.label_and_sample_proposals(proposals, gt)
+        boxes = [p.proposal_boxes for p in proposals]
+        scores, deltas = rh.box_predictor(rh.box_head(rh.box_pooler([features[f] for f in rh.box_in_features], boxes)))
+        losses = rh.box_predictor.losses((scores, deltas), proposals)
+        with torch.no_grad():
+            t_features = teacher.backbone(distill.images)
+            trh = teacher.roi_heads
+            t_scores, t_deltas = trh.box_predictor(trh.box_head(trh.box_pooler(
+                [t_features[f] for f in trh.box_in_features], boxes)))
+        weights = torch.ones(scores.shape[1], device=scores.device)
+        weights[-1] = kd.bg_weight  # Detectron2's background is the last class
+        losses["loss_cls"] = kd.mu * losses["loss_cls"]
+        losses["loss_cls_kd"] = (1 - kd.mu) * weighted_soft_ce(scores, t_scores, weights, kd.temperature)
+        classes = torch.cat([p.gt_classes for p in proposals])
+        fg = (classes >= 0) & (classes < self.num_classes)
+        if fg.any():
+            target = rh.box_predictor.box2box_transform.get_deltas(
+                torch.cat([b.tensor for b in boxes])[fg], torch.cat([p.gt_boxes.tensor for p in proposals])[fg])
+            cols = (4 * classes[fg])[:, None] + torch.arange(4, device=classes.device)
+            pick = torch.arange(int(fg.sum()), device=classes.device)[:, None]
+            losses["loss_box_bounded"] = kd.bounded * bounded_regression(
+                deltas[fg][pick, cols], t_deltas[fg][pick, cols], target, kd.margin)
+        else:
+            losses["loss_box_bounded"] = deltas.sum() * 0.0
+        levels = list(features)
+        losses["loss_hint"] = kd.hint * hint_loss([features[k] for k in levels], [t_features[k] for k in levels],
+                                                  distill.adapters)
+        return losses
+
+    def distill_adapters(self, teacher: nn.Module) -> nn.ModuleList:
+        """Hint adaptation layers: a 1×1 convolution per FPN level (student → teacher channels)."""
+        shapes, t_shapes = self.detector.backbone.output_shape(), teacher.detector.backbone.output_shape()
+        return nn.ModuleList(nn.Conv2d(shapes[k].channels, t_shapes[k].channels, 1) for k in shapes)
 
     def _image_list(self, latent: torch.Tensor, targets: Targets | None) -> ImageList:
         stride = self.detector.backbone.bottom_up.input_stride

@@ -22,8 +22,10 @@ from mmengine.structures import PixelData
 from mmseg.evaluation import IoUMetric
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
+from torch import nn
 
-from mtfc.head import HEADS, Head, LatentResNet, Targets
+from mtfc.distill import nfd_loss
+from mtfc.head import HEADS, Distillation, Head, LatentResNet, Targets
 from mtfc.teacher import STAGES, stage_channels
 
 IGNORE_INDEX = 255
@@ -79,6 +81,9 @@ class SegmentationHead(Head):
     background, k+1 for class k and 255 for ignored pixels. Training returns MMSeg's loss dict
     (``{"loss_ce": ...}``); eval returns one (H, W) int64 label map per image at the input size
     (``image_size`` of the targets, else the latent's size × 4).
+
+    Distilled from the reference segmenter (``distill: true`` in its config), it adds normalized
+    feature distillation on the four backbone stages with weight ``nfd`` (:func:`mtfc.distill.nfd_loss`).
     """
 
     task = "segmentation"
@@ -86,8 +91,9 @@ class SegmentationHead(Head):
     required_targets = ("sem_seg",)
 
     def __init__(self, latent_channels: int | None, num_classes: int, arch: str = "resnet18",
-                 hidden_channels: int = 96, decode_head: str = "fcn", channels: int = 64) -> None:
+                 hidden_channels: int = 96, decode_head: str = "fcn", channels: int = 64, nfd: float = 1.0) -> None:
         super().__init__()
+        self.nfd = nfd
         if decode_head not in DECODE_HEADS:
             raise ValueError(f"unknown decode_head {decode_head!r}; choose from {sorted(DECODE_HEADS)}")
         if num_classes < 2:
@@ -110,16 +116,29 @@ class SegmentationHead(Head):
                             "avg_non_ignore": True}})
         initialize(self.decode_head, self.decode_head.init_cfg)  # MMSeg's init of conv_seg, without init_weights()'s log dump
 
-    def forward(self, latent: torch.Tensor, targets: Targets | None = None) -> Any:
-        if self.training:
-            if targets is None:
-                raise ValueError("SegmentationHead needs targets with 'sem_seg' in training mode")
-            samples = [SegDataSample(gt_sem_seg=PixelData(data=_sem_seg(t).to(latent.device)[None])) for t in targets]
-            losses = self.decode_head.loss(self.backbone(latent), samples, None)
-            return {k: v for k, v in losses.items() if k.startswith("loss")}  # drop the "acc_seg" statistic
+    def loss(self, latent: torch.Tensor, targets: Targets, distill: Distillation | None = None) -> dict[str, torch.Tensor]:
+        if targets is None:
+            raise ValueError("SegmentationHead needs targets with 'sem_seg' in training mode")
+        samples = [SegDataSample(gt_sem_seg=PixelData(data=_sem_seg(t).to(latent.device)[None])) for t in targets]
+        feats = self.backbone(latent)
+        losses = self.decode_head.loss(feats, samples, None)
+        losses = {k: v for k, v in losses.items() if k.startswith("loss")}  # drop the "acc_seg" statistic
+        if distill is not None and self.nfd:
+            with torch.no_grad():
+                teacher = distill.model.backbone(distill.images)
+            losses["loss_nfd"] = self.nfd * nfd_loss(feats, teacher, distill.adapters)
+        return losses
+
+    def predict(self, latent: torch.Tensor, targets: Targets | None = None) -> list[torch.Tensor]:
         size = self._input_size(latent, targets)
         logits = self.decode_head.predict(self.backbone(latent), [{"img_shape": size}] * len(latent), None)
         return list(logits.argmax(1))
+
+    def distill_adapters(self, teacher: nn.Module) -> nn.ModuleList | None:
+        """NFD's adaptation layers: a 1×1 convolution per backbone stage (student → teacher channels)."""
+        if not self.nfd:
+            return None
+        return nn.ModuleList(nn.Conv2d(self.backbone.channels[s], teacher.backbone.channels[s], 1) for s in STAGES)
 
     def _input_size(self, latent: torch.Tensor, targets: Targets | None) -> tuple[int, int]:
         if targets and "image_size" in targets[0]:

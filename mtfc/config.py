@@ -11,7 +11,7 @@ SECTIONS: dict[str, set[str]] = {
     "data": {"type", "root", "image_size", "augment", "generate", "ann_file", "image_root", "dir", "img_dir",
              "ann_dir"},
     "teacher": _FIT | {"arch", "weights", "num_classes"},
-    "bottleneck": _FIT | {"betas", "codec", "stages", "aux_lr", "entropy_lr"},
+    "bottleneck": _FIT | {"betas", "codec", "stages", "select_taps", "saliency", "aux_lr", "entropy_lr"},
     "head": _FIT | {"type", "reference", "distill", "kwargs"},
     "evaluation": {"batch_size", "baselines"},
 }

@@ -16,6 +16,8 @@ and builds its evaluator (``build_evaluator(dataset)``: an object with ``reset()
 from __future__ import annotations
 
 import importlib
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
@@ -32,15 +34,52 @@ class Evaluator(Protocol):
     def evaluate(self) -> dict[str, float]: ...
 
 
+@dataclass
+class Distillation:
+    """The distillation signal a head gets in training (the one channel for it): a frozen ``model`` to
+    learn from — the head's reference on pixels (for classification, the teacher) —, the batch's
+    ``images`` it runs on, and the training-only ``adapters`` the head asked for
+    (:meth:`Head.distill_adapters`), trained with the head but not part of it."""
+
+    model: nn.Module
+    images: torch.Tensor
+    adapters: nn.Module | None = None
+
+
 class Head(nn.Module):
-    """Base class of task heads. Subclasses set the class attributes and implement ``forward``."""
+    """Base class of task heads. Subclasses set the class attributes and implement :meth:`loss` and
+    :meth:`predict` (``forward`` dispatches to them on ``self.training``)."""
 
     task: str = ""
     metric: str = ""
     required_targets: tuple[str, ...] = ()
 
-    def forward(self, latent: torch.Tensor, targets: Targets | None = None) -> Any:  # pragma: no cover
-        raise NotImplementedError
+    def loss(self, latent: torch.Tensor, targets: Targets, distill: Distillation | None = None) -> dict[str, torch.Tensor]:
+        """Training: a dict of scalar losses named ``loss_*`` (the engine sums them)."""
+        if self._legacy_forward():
+            return self.forward(latent, targets)
+        raise NotImplementedError(f"{type(self).__name__} implements neither loss() nor forward()")
+
+    def predict(self, latent: torch.Tensor, targets: Targets | None = None) -> list[Any]:
+        """Inference: one prediction per image, in the format its evaluator consumes."""
+        if self._legacy_forward():
+            return self.forward(latent, targets)
+        raise NotImplementedError(f"{type(self).__name__} implements neither predict() nor forward()")
+
+    def forward(self, latent: torch.Tensor, targets: Targets | None = None) -> Any:
+        return self.loss(latent, targets) if self.training else self.predict(latent, targets)
+
+    def _legacy_forward(self) -> bool:
+        """A head written against the old contract (one ``forward`` switching on ``self.training``)."""
+        if type(self).forward is Head.forward:
+            return False
+        warnings.warn(f"{type(self).__name__} overrides forward(); implement loss() and predict() instead "
+                      "(forward-only heads are deprecated)", DeprecationWarning, stacklevel=3)
+        return True
+
+    def distill_adapters(self, teacher: nn.Module) -> nn.Module | None:
+        """Training-only layers this head's distillation needs (e.g. hint adapters); ``None`` by default."""
+        return None
 
     def build_evaluator(self, dataset: Any) -> Evaluator:  # pragma: no cover
         raise NotImplementedError

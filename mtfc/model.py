@@ -57,7 +57,7 @@ class MultiTaskModel(nn.Module):
                 heads: Sequence[str] | None = None) -> dict[str, Any]:
         """Predictions of every attached head (or of ``heads``) from one decode."""
         latent = self.latent(inputs)
-        return {name: self.heads[name](latent, targets) for name in (heads or self.heads)}
+        return {name: self.heads[name].predict(latent, targets) for name in (heads or self.heads)}
 
     # -- head checkpoints, independent of the codec ------------------------------------------------
     def save_head(self, name: str, path: str | Path, **meta: Any) -> Path:

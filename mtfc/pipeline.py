@@ -152,6 +152,7 @@ class Pipeline:
                 train_bottleneck(self.dataset(b, "train", train=True), self.dataset(b, "val", train=False),
                                  copy.deepcopy(teacher), arch=self.cfg["teacher"]["arch"], beta=beta,
                                  out_dir=path.parent, codec=b.get("codec"), stages=b.get("stages", STAGES),
+                                 select=b.get("select_taps"), saliency=b.get("saliency", 0.0),
                                  aux_lr=b.get("aux_lr", 1e-2), entropy_lr=b.get("entropy_lr"), **self.fit_kwargs(b))
             paths[beta] = path
         return paths
@@ -186,6 +187,9 @@ class Pipeline:
                 if teacher is None:
                     teacher = self.teacher_model()
                 train_set = self.dataset(spec, "train", train=True)
+                distill_from = None
+                if beta is not None and spec.get("distill", False):
+                    distill_from = self.reference_head(name, teacher, train_set)
                 seed_everything(self.seed)  # the head's initialisation is part of the run's reproducibility
                 if beta is None:
                     codec = None
@@ -195,9 +199,9 @@ class Pipeline:
                     head = self.build_head(name, codec.latent_channels, self.head_classes(name, train_set))
                     head.init_from_codec(codec)
                 head.init_from_teacher(teacher)
-                _log(f"head {name} ({where}): training")
+                _log(f"head {name} ({where}): training" + (" (distilled from its reference)" if distill_from else ""))
                 fit_head(head, train_set, codec=codec, out_dir=path.parent, val_set=self.dataset(spec, "val", train=False),
-                           teacher=teacher if spec.get("distill", False) else None, **self.fit_kwargs(spec))
+                         teacher=distill_from, **self.fit_kwargs(spec))
                 done[f"{name}@{where}"] = path
         return done
 
@@ -307,7 +311,7 @@ def mtfc_method(model: MultiTaskModel):
         t1 = time.perf_counter()
         latent = model.codec.decode(streams)
         t2 = time.perf_counter()
-        preds = {name: head(latent, targets) for name, head in model.heads.items()}
+        preds = {name: head.predict(latent, targets) for name, head in model.heads.items()}
         return BatchResult(preds, [len(s) for s in streams], t1 - t0, t2 - t1)
 
     return predict

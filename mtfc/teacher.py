@@ -95,16 +95,36 @@ def stem(teacher: nn.Module) -> nn.Sequential:
 
 
 def run_stages(teacher: nn.Module, feat: torch.Tensor, start: str = "layer2") -> dict[str, torch.Tensor]:
-    """Run the teacher from the output of the stage before ``start`` to its logits; returns every tap."""
+    """Run the teacher from the output of the stage before ``start`` to its logits; returns every tap.
+
+    Taps: each stage's output (``"layer2"``), each earlier block of a stage (``"layer2.0"``, …) and ``"logits"``.
+    """
     out = {}
     for name in STAGES[STAGES.index(start):]:
-        feat = getattr(teacher, name)(feat)
-        out[name] = feat
+        blocks = list(getattr(teacher, name))
+        for i, block in enumerate(blocks):
+            feat = block(feat)
+            out[name if i == len(blocks) - 1 else f"{name}.{i}"] = feat
     out["logits"] = teacher.fc(torch.flatten(teacher.avgpool(feat), 1))
     return out
 
 
-def teacher_taps(teacher: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Features of every stage and the logits for RGB images in [0, 1]."""
-    f1 = teacher.layer1(stem(teacher)(normalize(images)))
+def teacher_taps(teacher: nn.Module, images: torch.Tensor, requires_grad: bool = False) -> dict[str, torch.Tensor]:
+    """Features of every tap after ``layer1`` (see :func:`run_stages`), ``layer1`` and the logits for RGB
+    images in [0, 1]. With ``requires_grad`` autograd records the pass (for saliency) even though the
+    teacher's weights are frozen."""
+    x = normalize(images)
+    if requires_grad:
+        x = x.detach().requires_grad_(True)
+    f1 = teacher.layer1(stem(teacher)(x))
     return {"layer1": f1, **run_stages(teacher, f1)}
+
+
+def candidate_taps(teacher: nn.Module) -> list[str]:
+    """The taps a student can be distilled at, shallow to deep: ``layer1`` (the codec's decoder output),
+    then every block of ``layer2..layer4`` (the last block of a stage named by the stage)."""
+    taps = ["layer1"]
+    for name in STAGES[1:]:
+        n = len(getattr(teacher, name))
+        taps += [f"{name}.{i}" for i in range(n - 1)] + [name]
+    return taps

@@ -16,11 +16,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from mtfc.codec import Codec, save_codec
 from mtfc.engine import fit, seed_everything
-from mtfc.head import Head
+from mtfc.head import Distillation, Head
 from mtfc.metrics import ClassificationEvaluator
 from mtfc.model import MultiTaskModel, save_head
 from mtfc.optim import OptimSpec, build_optimizer
-from mtfc.teacher import STAGES, build_teacher, normalize, run_stages, save_teacher, stage_channels, teacher_taps
+from mtfc.distill import feature_mse, gradcam, saliency_weights, select_taps
+from mtfc.teacher import (STAGES, build_teacher, candidate_taps, normalize, run_stages, save_teacher, stage_channels,
+                          teacher_taps)
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -59,15 +61,23 @@ class BottleneckTask(nn.Module):
     """Stage 1: ``Σ_s MSE(student_s, teacher_s) + β · bpp`` plus the entropy model's aux loss.
 
     The student is the codec's encoder → entropy model → decoder, followed by the frozen teacher's
-    ``layer2..layer4`` and classifier; ``stages`` are the taps distilled (``"logits"`` allowed).
+    ``layer2..layer4`` and classifier; ``stages`` are the taps distilled (any of
+    :func:`~mtfc.teacher.candidate_taps`, or ``"logits"``). With ``saliency`` > 0 each feature tap's
+    error is weighted per position by the teacher's Grad-CAM saliency (:mod:`mtfc.distill`;
+    FrankenSplit), mixed with uniform weights: ``(1 − saliency) + saliency · map``.
     """
 
     def __init__(self, codec: Codec, teacher: nn.Module, beta: float, stages: Sequence[str] = STAGES,
-                 optim: OptimSpec | None = None, aux_lr: float = 1e-2, entropy_lr: float | None = None) -> None:
+                 optim: OptimSpec | None = None, aux_lr: float = 1e-2, entropy_lr: float | None = None,
+                 saliency: float = 0.0) -> None:
         super().__init__()
         self.codec, self.teacher = codec, _frozen(teacher)
         self.beta, self.stages, self.optim, self.aux_lr = beta, tuple(stages), optim or OptimSpec(), aux_lr
-        self.entropy_lr = entropy_lr
+        self.entropy_lr, self.saliency = entropy_lr, saliency
+        known = set(candidate_taps(self.teacher)) | {"logits"}
+        unknown = [s for s in self.stages if s not in known]
+        if unknown or not self.stages:
+            raise ValueError(f"unknown distillation taps {unknown or '(none given)'}; choose from {sorted(known)}")
 
     def train(self, mode: bool = True) -> BottleneckTask:
         super().train(mode)
@@ -75,12 +85,21 @@ class BottleneckTask(nn.Module):
         return self
 
     def distill(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Distillation loss, estimated bpp and the student's logits for one batch."""
-        with torch.no_grad():
-            target = teacher_taps(self.teacher, images)
+        """Distillation loss, estimated bpp and the student's logits for one batch (saliency weighting
+        only while training; validation reports the plain loss)."""
+        weights: dict[str, torch.Tensor] = {}
+        if self.saliency and self.training:
+            with torch.enable_grad():
+                target = teacher_taps(self.teacher, images, requires_grad=True)
+                spatial = [s for s in self.stages if s != "logits"]
+                weights = saliency_weights(gradcam(target, target["logits"], spatial), self.saliency)
+            target = {k: v.detach() for k, v in target.items()}
+        else:
+            with torch.no_grad():
+                target = teacher_taps(self.teacher, images)
         out = self.codec(images)
         student = {"layer1": out["features"], **run_stages(self.teacher, out["features"])}
-        distill = sum(F.mse_loss(student[s], target[s]) for s in self.stages)
+        distill = sum(feature_mse(student[s], target[s], weights.get(s)) for s in self.stages)
         return distill, bits_per_pixel(out["likelihoods"], images), student["logits"]
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -118,8 +137,9 @@ class BottleneckTask(nn.Module):
 class HeadTask(nn.Module):
     """Stage 2: one head trained on the frozen codec's hard-quantized latent, exactly as the server sees it.
 
-    ``codec=None`` trains a reference head on the images themselves. With a ``teacher``, each target
-    also carries ``"teacher_logits"`` (for heads that distil).
+    ``codec=None`` trains a reference head on the images themselves. With a ``teacher`` (a frozen model
+    the head distils from: its reference on pixels), the head's :meth:`~mtfc.head.Head.loss` gets a
+    :class:`~mtfc.head.Distillation` with the batch's images and the adapters the head asked for.
     """
 
     def __init__(self, codec: Codec | None, head: Head, teacher: nn.Module | None = None,
@@ -128,6 +148,7 @@ class HeadTask(nn.Module):
         self.codec = _frozen(codec) if codec is not None else None
         self.head = head
         self.teacher = _frozen(teacher) if teacher is not None else None
+        self.adapters = head.distill_adapters(self.teacher) if teacher is not None else None
         self.optim = optim or OptimSpec()
 
     def train(self, mode: bool = True) -> HeadTask:
@@ -143,23 +164,23 @@ class HeadTask(nn.Module):
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         images, targets = batch
-        latent = self.inputs(images)
-        if self.teacher is not None:
-            with torch.no_grad():
-                logits = self.teacher(normalize(images))
-            targets = [{**t, "teacher_logits": lg} for t, lg in zip(targets, logits)]
-        losses = self.head(latent, targets)
+        distill = Distillation(self.teacher, images, self.adapters) if self.teacher is not None else None
+        losses = self.head.loss(self.inputs(images), targets, distill)
+        if not isinstance(losses, dict) or not losses or "loss" in losses:
+            raise ValueError(f"{type(self.head).__name__}.loss() must return a non-empty dict of named losses "
+                             f"(not 'loss', which is their sum), got {losses if not isinstance(losses, dict) else list(losses)}")
         return {"loss": sum(losses.values()), **losses}
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"loss": build_optimizer(self.head.parameters(), self.optim)}
+        params = list(self.head.parameters()) + (list(self.adapters.parameters()) if self.adapters is not None else [])
+        return {"loss": build_optimizer(params, self.optim)}
 
     @torch.no_grad()
     def validate(self, loader: DataLoader) -> dict[str, float]:
         ev = self.head.build_evaluator(loader.dataset)
         ev.reset()
         for images, targets in loader:
-            ev.process(targets, self.head(self.inputs(images), targets))
+            ev.process(targets, self.head.predict(self.inputs(images), targets))
         return ev.evaluate()
 
 
@@ -186,19 +207,34 @@ def train_teacher(train_set: Dataset, val_set: Dataset | None, *, arch: str, num
 
 def train_bottleneck(train_set: Dataset, val_set: Dataset | None, teacher: nn.Module, *, arch: str,
                      beta: float, out_dir: str | Path, codec: dict[str, Any] | None = None, stages: Sequence[str] = STAGES,
-                     optim: OptimSpec | None = None, aux_lr: float = 1e-2, entropy_lr: float | None = None,
-                     seed: int = 0, **fit_kwargs: Any) -> Path:
+                     select: int | None = None, saliency: float = 0.0, optim: OptimSpec | None = None,
+                     aux_lr: float = 1e-2, entropy_lr: float | None = None, seed: int = 0, **fit_kwargs: Any) -> Path:
     """Stage 1 for one β: train (initialised after seeding with ``seed``), freeze and export
-    ``codec.pt``; returns its path."""
+    ``codec.pt``; returns its path. With ``select`` = k the taps are not ``stages`` but the k chosen
+    by :func:`choose_taps`."""
     out = Path(out_dir)
     seed_everything(seed)
+    if select:
+        stages = choose_taps(teacher, train_set, select)
     model = Codec(**{"out_channels": stage_channels(arch)["layer1"], **(codec or {})})
-    task = BottleneckTask(model, teacher, beta, stages, optim, aux_lr, entropy_lr)
+    task = BottleneckTask(model, teacher, beta, stages, optim, aux_lr, entropy_lr, saliency)
     history = _fit(task, train_set, val_set=val_set, out_dir=out, seed=seed, **fit_kwargs)
     aux = settle_quantiles(model)
     model.freeze()
-    model.meta = {"beta": beta, "teacher_arch": arch, "stages": list(stages), "history": history, "aux_loss": aux}
+    model.meta = {"beta": beta, "teacher_arch": arch, "stages": list(stages), "saliency": saliency,
+                  "history": history, "aux_loss": aux}
     return save_codec(model, out / "codec.pt")
+
+
+@torch.no_grad()
+def choose_taps(teacher: nn.Module, dataset: Dataset, k: int, images: int = 64) -> list[str]:
+    """Clustering-based hint selection (:func:`mtfc.distill.select_taps`) on the teacher's candidate
+    taps over the first ``images`` of ``dataset``."""
+    from mtfc.data import collate
+
+    batch, _ = collate([dataset[i] for i in range(min(images, len(dataset)))])
+    taps = teacher_taps(_frozen(teacher), batch)
+    return select_taps({t: taps[t] for t in candidate_taps(teacher)}, k)
 
 
 def settle_quantiles(codec: Codec, steps: int = 2000, lr: float = 0.5) -> dict[str, float]:

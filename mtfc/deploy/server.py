@@ -173,7 +173,7 @@ class Batcher:
     @torch.no_grad()
     def _predict(self, heads: tuple[str, ...], latents: list[torch.Tensor]) -> list[dict[str, Any]]:
         latent = torch.cat(latents)
-        preds = {name: self.model.heads[name](latent) for name in heads}
+        preds = {name: self.model.heads[name].predict(latent) for name in heads}
         tasks = {name: self.model.heads[name].task for name in heads}
         return [{name: prediction_to_json(tasks[name], preds[name][i]) for name in heads} for i in range(len(latents))]
 
