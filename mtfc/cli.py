@@ -135,6 +135,27 @@ def _benchmark_codec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("anchor", help="results.json of the plain recipe (e.g. runs/demo/report/results.json)")
+    parser.add_argument("test", help="results.json of the run to compare with it")
+    parser.add_argument("--names", nargs=2, default=["plain", "method"], metavar=("ANCHOR", "TEST"),
+                        help="names of the two runs in the table")
+    parser.add_argument("--out", help="also write the table as JSON here")
+
+
+@command("compare", "BD-rate and BD-metric per task of one run's mtfc curve against another's")(_compare_options)
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from mtfc.evaluation.compare import compare, format_table, read_rows
+
+    table = compare(read_rows(args.anchor), read_rows(args.test), *args.names)
+    print(format_table(table, *args.names))
+    if args.out:
+        Path(args.out).write_text(json.dumps(table, indent=2))
+    return 0
+
+
 def _export_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("codec", help="frozen codec artifact (codec.pt)")
     parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
