@@ -39,7 +39,7 @@ from torch import nn
 
 from mtfc.codec import Codec
 from mtfc.distill import bounded_regression, hint_loss, weighted_soft_ce
-from mtfc.head import HEADS, Distillation, Head, LatentResNet, Targets
+from mtfc.head import HEADS, Distillation, Head, HeadContext, LatentResNet, Targets
 from mtfc.teacher import STAGES
 
 with warnings.catch_warnings():  # detectron2.model_zoo imports pkg_resources, which setuptools deprecates
@@ -174,6 +174,15 @@ class DetectionHead(Head):
     task = "detection"
     metric = "AP"
     required_targets = ("boxes", "classes", "image_size")
+
+    @classmethod
+    def from_config(cls, kwargs: dict[str, Any], ctx: HeadContext) -> dict[str, Any]:
+        """On the codec's latent (or pixels), the dataset's classes, the teacher's architecture; then ``kwargs``."""
+        resolved = {"latent_channels": ctx.latent_channels, "num_classes": ctx.num_classes,
+                    "arch": ctx.teacher_arch, **kwargs}
+        if ctx.image_size is not None:
+            resolved.setdefault("image_size", list(ctx.image_size))
+        return resolved
 
     def __init__(self, latent_channels: int | None, num_classes: int, arch: str = "resnet18",
                  hidden_channels: int = 96, image_size: int | Sequence[int] = 64, fpn_channels: int = 128,

@@ -6,6 +6,7 @@ same entry points.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -95,8 +96,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("run", "the whole pipeline: dataset, teacher, bottlenecks, heads, evaluation, report")(_config_options)
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    _config_options(parser)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (every default filled in) as YAML and exit")
+
+
+@command("run", "the whole pipeline: dataset, teacher, bottlenecks, heads, evaluation, report")(_run_options)
 def _run(args: argparse.Namespace) -> int:
+    if args.print_config:
+        import yaml
+
+        from mtfc.pipeline import load_config
+
+        print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
+        return 0
     _pipeline(args).run(args.command_line)
     return 0
 
@@ -118,7 +132,7 @@ def _benchmark_codec(args: argparse.Namespace) -> int:
     from mtfc.codec import load_codec
 
     p = _pipeline(args)
-    val = p.dataset(p.cfg["bottleneck"], "val", train=False)
+    val = p.dataset(p.cfg.bottleneck, "val", train=False)
     images = torch.stack([val[i][0] for i in range(min(args.images, len(val)))])
     results = {f"{beta:g}": benchmark(load_codec(path), images, args.size, args.threads)
                for beta, path in p.train_bottlenecks().items()}
@@ -369,4 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["mtfc", *argv])  # recorded in reports' provenance
-    return COMMANDS[args.command][2](args)
+    try:
+        return COMMANDS[args.command][2](args)
+    except (FileNotFoundError, KeyError, ValueError) as e:  # bad input: the message says what and where
+        if os.environ.get("MTFC_TRACEBACK"):
+            raise
+        print(f"mtfc {args.command}: error: {e.args[0] if e.args else e}\n(MTFC_TRACEBACK=1 shows the traceback)",
+              file=sys.stderr)
+        return 2

@@ -1,20 +1,22 @@
-"""The keys a config may hold, checked before anything runs: a misspelled key is an error with a
-did-you-mean instead of a silently ignored setting."""
+"""The pipeline config as one typed schema: every key, its type and its default, in this file only.
+
+A YAML config is read into :class:`Config` by :meth:`Config.from_dict`, which refuses unknown or
+misspelled keys (with a did-you-mean) and values of the wrong type, naming the key's dotted path.
+``mtfc run CONFIG --print-config`` prints the resolved config (every default filled in); the report
+records the same. ``configs/demo.yaml`` documents the keys in its comments.
+"""
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
-_FIT = {"epochs", "batch_size", "num_workers", "max_steps", "ckpt_every", "val_every", "amp", "optim", "data"}
-SECTIONS: dict[str, set[str]] = {
-    "": {"out_dir", "seed", "device", "data", "teacher", "bottleneck", "heads", "evaluation"},
-    "data": {"type", "root", "image_size", "augment", "generate", "ann_file", "image_root", "dir", "img_dir",
-             "ann_dir"},
-    "teacher": _FIT | {"arch", "weights", "num_classes"},
-    "bottleneck": _FIT | {"betas", "codec", "stages", "select_taps", "saliency", "aux_lr", "entropy_lr"},
-    "head": _FIT | {"type", "reference", "distill", "kwargs"},
-    "evaluation": {"batch_size", "baselines"},
-}
+from mtfc.optim import OptimSpec
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")  # the default distillation taps (mtfc.teacher.STAGES)
 
 
 def check_keys(section: dict[str, Any], known: Iterable[str], where: str) -> None:
@@ -27,18 +29,191 @@ def check_keys(section: dict[str, Any], known: Iterable[str], where: str) -> Non
             raise KeyError(f"unknown config key {where + '.' if where else ''}{key}: {hint}")
 
 
-def check_config(cfg: dict[str, Any]) -> None:
-    """Check every section's keys (and each stage's ``optim``) of a pipeline config."""
-    from mtfc.optim import OptimSpec
+@dataclass
+class GenerateConfig:
+    """How the bundled dataset is generated into ``data.root`` (see :func:`mtfc.data.make_dataset`)."""
 
-    check_keys(cfg, SECTIONS[""], "")
-    check_keys(cfg.get("data") or {}, SECTIONS["data"], "data")
-    for name in ("teacher", "bottleneck", "evaluation"):
-        check_keys(cfg.get(name) or {}, SECTIONS[name], name)
-    stages = {"teacher": cfg.get("teacher") or {}, "bottleneck": cfg.get("bottleneck") or {}}
-    for head, spec in (cfg.get("heads") or {}).items():
-        check_keys(spec, SECTIONS["head"], f"heads.{head}")
-        stages[f"heads.{head}"] = spec
-    for where, stage in stages.items():
-        check_keys(stage.get("data") or {}, SECTIONS["data"], f"{where}.data")
-        OptimSpec.from_dict(stage.get("optim"), f"{where}.optim")
+    num_classes: int = 5
+    splits: dict[str, int] = field(default_factory=lambda: {"train": 2000, "val": 500})
+    max_objects: int = 3
+    workers: int = 1
+
+
+@dataclass
+class DataConfig:
+    """A dataset (:func:`mtfc.data.build_dataset`). ``None`` values take the dataset type's default;
+    ``ann_file``/``image_root`` (coco), ``dir`` (imagefolder), ``img_dir``/``ann_dir`` (segmentation)
+    override where a loader finds its files."""
+
+    type: str = "bundled"
+    root: str = ""
+    image_size: int | list[int] | None = None
+    augment: dict[str, Any] | None = None
+    generate: GenerateConfig | None = None
+    ann_file: str | None = None
+    image_root: str | None = None
+    dir: str | None = None
+    img_dir: str | None = None
+    ann_dir: str | None = None
+
+
+@dataclass
+class StageConfig:
+    """What every training stage has: the engine's settings (:func:`mtfc.engine.fit`), its optimizer
+    and schedule, and optionally its own ``data`` (merged over the top-level ``data``)."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    val_every: int = 1
+    ckpt_every: int = 50
+    num_workers: int = 0
+    max_steps: int | None = None
+    amp: bool = True
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    data: dict[str, Any] | None = None
+
+
+@dataclass
+class TeacherConfig(StageConfig):
+    """``weights``: null (train on ``data``), a torchvision weights name or a local checkpoint."""
+
+    arch: str = "resnet18"
+    weights: str | None = None
+    num_classes: int | None = None
+
+
+@dataclass
+class BottleneckConfig(StageConfig):
+    """Stage 1, one codec per β. ``codec``: :class:`mtfc.Codec`'s arguments. ``stages``: the teacher
+    taps distilled, or ``select_taps`` = k picks k by clustering; ``saliency`` in [0, 1] weights the
+    distillation by the teacher's Grad-CAM; ``entropy_lr``/``aux_lr``: the prior's learning rates."""
+
+    betas: list[float] = field(default_factory=lambda: [1.0])
+    codec: dict[str, Any] = field(default_factory=dict)
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    select_taps: int | None = None
+    saliency: float = 0.0
+    aux_lr: float = 1e-2
+    entropy_lr: float | None = None
+
+
+@dataclass
+class HeadConfig(StageConfig):
+    """A head: ``type`` (registered name; default the head's name), ``reference`` (``train``: a reference
+    head trained on pixels; ``teacher``: the teacher itself), ``distill`` (learn from the reference too),
+    ``kwargs`` for the head's :meth:`~mtfc.head.Head.from_config`."""
+
+    type: str | None = None
+    reference: str = "train"
+    distill: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationConfig:
+    """``baselines``: Pillow codec → qualities swept (jpeg, webp, avif)."""
+
+    batch_size: int = 32
+    baselines: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    """The whole pipeline. ``imports``: Python modules imported first (they register user heads)."""
+
+    out_dir: str
+    data: DataConfig
+    teacher: TeacherConfig
+    bottleneck: BottleneckConfig
+    heads: dict[str, HeadConfig] = field(default_factory=dict)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    seed: int = 0
+    device: str | None = None
+    imports: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> Config:
+        """Check and resolve a config dict; errors name the key (``teacher.epoch: did you mean 'epochs'?``)."""
+        config = _parse(cls, cfg, "")
+        stages = {"teacher": config.teacher, "bottleneck": config.bottleneck,
+                  **{f"heads.{name}": head for name, head in config.heads.items()}}
+        for where, stage in stages.items():
+            check_keys(stage.data or {}, [f.name for f in fields(DataConfig)], f"{where}.data")
+        for name, head in config.heads.items():
+            if head.reference not in ("train", "teacher"):
+                raise ValueError(f"heads.{name}.reference must be 'train' or 'teacher', got {head.reference!r}")
+            head.type = head.type or name
+        if not config.bottleneck.betas:
+            raise ValueError("bottleneck.betas is empty")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (what ``--print-config`` prints and the report records)."""
+        return _plain(self)
+
+
+def check_config(cfg: dict[str, Any]) -> None:
+    """Raise ``KeyError``/``ValueError`` for a config dict that :meth:`Config.from_dict` refuses."""
+    Config.from_dict(cfg)
+
+
+def _parse(cls: type, data: Any, where: str) -> Any:
+    if cls is OptimSpec:
+        return OptimSpec.from_dict(data, where)
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {where or '(top level)'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    check_keys(data, [f.name for f in fields(cls)], where)
+    missing = [f.name for f in fields(cls) if f.name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"config lacks the required key {'.'.join(filter(None, [where, missing[0]]))}")
+    return cls(**{key: _value(hints[key], value, f"{where}.{key}" if where else key) for key, value in data.items()})
+
+
+def _value(hint: Any, value: Any, where: str) -> Any:
+    """``value`` checked against the type ``hint`` (dataclasses parsed, ints accepted for floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _value(arg, value, where)
+            except (TypeError, ValueError) as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise TypeError(f"config key {where} has value {value!r}, expected {_name(hint)}")
+    if dataclasses.is_dataclass(hint):
+        return _parse(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(f"config key {where} must be a list, got {value!r}")
+        return [_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"config key {where} must be a mapping, got {value!r}")
+        return {k: _value(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise TypeError(f"config key {where} must be {_name(hint)}, got {value!r}")
+    return value
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj

@@ -34,6 +34,19 @@ class Evaluator(Protocol):
     def evaluate(self) -> dict[str, float]: ...
 
 
+@dataclass(frozen=True)
+class HeadContext:
+    """What the framework knows when it builds a head from its config (:meth:`Head.from_config`):
+    the codec's ``latent_channels`` (``None`` for a reference head on pixels), the dataset's classes,
+    its ``image_size`` (H, W) and the teacher's architecture."""
+
+    latent_channels: int | None
+    num_classes: int
+    class_names: tuple[str, ...] = ()
+    image_size: tuple[int, int] | None = None
+    teacher_arch: str = "resnet18"
+
+
 @dataclass
 class Distillation:
     """The distillation signal a head gets in training (the one channel for it): a frozen ``model`` to
@@ -53,6 +66,12 @@ class Head(nn.Module):
     task: str = ""
     metric: str = ""
     required_targets: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, kwargs: dict[str, Any], ctx: HeadContext) -> dict[str, Any]:
+        """The constructor's arguments from the config's ``kwargs`` and the ``ctx`` (as Detectron2's
+        ``from_config``); by default ``kwargs`` as they are."""
+        return dict(kwargs)
 
     def loss(self, latent: torch.Tensor, targets: Targets, distill: Distillation | None = None) -> dict[str, torch.Tensor]:
         """Training: a dict of scalar losses named ``loss_*`` (the engine sums them)."""
@@ -180,18 +199,52 @@ class Registry(dict):
             return obj
         return deco
 
-    def build(self, name: str, **kwargs) -> Any:
-        if name not in self:  # built-in heads live in heads/<name>.py and register on import
-            try:
-                importlib.import_module(f"heads.{name}")
-            except ModuleNotFoundError as e:
-                if e.name not in ("heads", f"heads.{name}"):
-                    raise
+    def get(self, name: str) -> Any:
+        """The builder registered as ``name``; built-in heads (``heads/<name>.py``) and the
+        ``mtfc.heads`` entry points of installed packages are imported on first use."""
         if name not in self:
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {sorted(self)}")
-        obj = self[name](**kwargs)
-        obj._mtfc_spec = {"type": name, "kwargs": kwargs}  # lets a saved head be rebuilt from its checkpoint
+            _import_head_module(name)
+        if name not in self:
+            raise KeyError(f"unknown {self.kind} {name!r}; registered: {sorted(self)} (a head of your own "
+                           "registers when its module is imported: list the module under `imports:` in the config "
+                           "or declare it as an `mtfc.heads` entry point)")
+        return self[name]
+
+    def build(self, name: str, **kwargs) -> Any:
+        """``name``'s builder called with ``kwargs`` (recorded so a saved head can be rebuilt)."""
+        builder = self.get(name)
+        obj = builder(**kwargs)
+        obj._mtfc_spec = {"type": name, "kwargs": kwargs, "module": getattr(builder, "__module__", None)}
         return obj
+
+    def rebuild(self, spec: dict[str, Any]) -> Any:
+        """Build again from the spec :meth:`build` recorded (a checkpoint's), importing its module first."""
+        if spec["type"] not in self and spec.get("module"):
+            _import_head_module(spec["type"], spec["module"])
+        return self.build(spec["type"], **spec["kwargs"])
+
+    def from_config(self, name: str, kwargs: dict[str, Any], ctx: HeadContext) -> Any:
+        """Build ``name`` from a config's ``kwargs`` through its :meth:`Head.from_config`."""
+        builder = self.get(name)
+        resolve = getattr(builder, "from_config", None)
+        return self.build(name, **(resolve(kwargs, ctx) if resolve is not None else kwargs))
+
+
+def _import_head_module(name: str, module: str | None = None) -> None:
+    from importlib.metadata import entry_points
+
+    if module:
+        importlib.import_module(module)
+        return
+    for ep in entry_points(group="mtfc.heads"):
+        if ep.name == name:
+            ep.load()
+            return
+    try:  # built-in heads live in heads/<name>.py and register on import
+        importlib.import_module(f"heads.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("heads", f"heads.{name}"):
+            raise
 
 
 HEADS = Registry("head")

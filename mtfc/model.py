@@ -88,7 +88,7 @@ def load_head(path: str | Path, codec_fingerprint: str | None = None, head: Head
     if head is None:
         if not ckpt["spec"]:
             raise ValueError(f"{path} holds a head built outside the registry: pass `head=` to load it into")
-        head = HEADS.build(ckpt["spec"]["type"], **ckpt["spec"]["kwargs"])
+        head = HEADS.rebuild(ckpt["spec"])
     head.load_state_dict(ckpt["state_dict"])
     return head.eval()
 

@@ -9,6 +9,7 @@ stage resumes from the engine's last atomic checkpoint. The config is declarativ
 from __future__ import annotations
 
 import copy
+import importlib
 import time
 from pathlib import Path
 from typing import Any
@@ -19,16 +20,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mtfc.codec import load_codec
-from mtfc.config import check_config
+from mtfc.config import Config, HeadConfig, StageConfig
 from mtfc.engine import seed_everything
-from mtfc.head import HEADS, Head
+from mtfc.head import HEADS, Head, HeadContext
 from mtfc.model import MultiTaskModel, read_head_checkpoint
-from mtfc.optim import OptimSpec
-from mtfc.teacher import STAGES, build_teacher
+from mtfc.teacher import build_teacher
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a YAML config; ``overrides`` are ``dotted.key=value`` strings (values parsed as YAML)."""
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config into the typed :class:`~mtfc.config.Config`; ``overrides`` are
+    ``dotted.key=value`` strings (values parsed as YAML). Errors name the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config {path} does not exist")
@@ -42,14 +43,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(value)
-    for key in ("out_dir", "data", "teacher", "bottleneck"):
-        if key not in cfg:
-            raise ValueError(f"config {path} lacks the required key {key!r}")
     try:
-        check_config(cfg)
-    except (KeyError, ValueError) as e:
+        return Config.from_dict(cfg)
+    except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"config {path}: {e.args[0]}") from None
-    return cfg
 
 
 def _log(msg: str) -> None:
@@ -59,30 +56,31 @@ def _log(msg: str) -> None:
 class Pipeline:
     """The stages of ``mtfc run``, each reading its inputs from the artifacts of the ones before."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        self.cfg = cfg
-        self.out = Path(cfg["out_dir"])
-        self.seed = int(cfg.get("seed", 0))
-        self.device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    def __init__(self, cfg: Config | dict[str, Any]) -> None:
+        self.cfg = cfg if isinstance(cfg, Config) else Config.from_dict(cfg)
+        for module in self.cfg.imports:  # user modules that register heads
+            importlib.import_module(module)
+        self.out = Path(self.cfg.out_dir)
+        self.seed = self.cfg.seed
+        self.device = self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     # -- helpers ---------------------------------------------------------------------------------
-    def data_cfg(self, stage: dict[str, Any] | None = None) -> dict[str, Any]:
+    def data_cfg(self, stage: StageConfig | None = None) -> dict[str, Any]:
         """The dataset config of a stage: its own ``data`` merged over the top-level one."""
-        base = {k: v for k, v in self.cfg["data"].items() if k != "generate"}
-        return {**base, **((stage or {}).get("data") or {})}
+        base = {k: v for k, v in self.cfg.to_dict()["data"].items() if k != "generate" and v is not None}
+        return {**base, **((stage.data if stage is not None else None) or {})}
 
-    def dataset(self, stage: dict[str, Any] | None, split: str, train: bool):
+    def dataset(self, stage: StageConfig | None, split: str, train: bool):
         from mtfc.data import build_dataset
 
         return build_dataset(self.data_cfg(stage), split, train=train)
 
-    def fit_kwargs(self, stage: dict[str, Any]) -> dict[str, Any]:
-        keys = ("epochs", "batch_size", "num_workers", "max_steps", "ckpt_every", "val_every", "amp")
-        return {"seed": self.seed, "device": self.device, "optim": OptimSpec.from_dict(stage.get("optim")),
-                **{k: stage[k] for k in keys if k in stage}}
+    def fit_kwargs(self, stage: StageConfig) -> dict[str, Any]:
+        keys = ("epochs", "batch_size", "num_workers", "max_steps", "ckpt_every", "val_every", "amp", "optim")
+        return {"seed": self.seed, "device": self.device, **{k: getattr(stage, k) for k in keys}}
 
     def betas(self) -> list[float]:
-        return [float(b) for b in self.cfg["bottleneck"]["betas"]]
+        return list(self.cfg.bottleneck.betas)
 
     def codec_path(self, beta: float) -> Path:
         return self.out / "bottleneck" / f"beta_{beta:g}" / "codec.pt"
@@ -96,15 +94,17 @@ class Pipeline:
         """Generate the bundled dataset if the config asks for it and it is not there yet."""
         from mtfc.data import make_dataset
 
-        data = self.cfg["data"]
-        if data.get("type") != "bundled" or "generate" not in data:
+        data = self.cfg.data
+        if data.type != "bundled" or data.generate is None:
             return None
         import json
 
         from mtfc.data.synthetic import FORMAT_VERSION
 
-        root = Path(data["root"])
-        config = {"image_size": data.get("image_size", 64), "seed": self.seed, **data["generate"]}
+        root = Path(data.root)
+        config = {"seed": self.seed, **self.cfg.to_dict()["data"]["generate"]}
+        if data.image_size is not None:
+            config["image_size"] = data.image_size
         info = root / "dataset.json"
         if info.is_file():
             old = json.loads(info.read_text())
@@ -124,21 +124,20 @@ class Pipeline:
         """The teacher: trained here unless ``teacher.weights`` names pretrained or local weights."""
         from mtfc.train import train_teacher
 
-        t = self.cfg["teacher"]
+        t = self.cfg.teacher
         path = self.out / "teacher" / "teacher.pt"
-        if t.get("weights") is None and not path.is_file():
-            _log(f"teacher: training {t['arch']} on the dataset")
+        if t.weights is None and not path.is_file():
+            _log(f"teacher: training {t.arch} on the dataset")
             train_set = self.dataset(t, "train", train=True)
-            train_teacher(train_set, self.dataset(t, "val", train=False), arch=t["arch"],
+            train_teacher(train_set, self.dataset(t, "val", train=False), arch=t.arch,
                           num_classes=train_set.num_classes, out_dir=path.parent, **self.fit_kwargs(t))
-        weights = t.get("weights") or path
-        num_classes = t.get("num_classes") or self.dataset(t, "val", train=False).num_classes
-        return build_teacher(t["arch"], num_classes, weights).eval()
+        num_classes = t.num_classes or self.dataset(t, "val", train=False).num_classes
+        return build_teacher(t.arch, num_classes, t.weights or path).eval()
 
     def train_bottlenecks(self) -> dict[float, Path]:
         from mtfc.train import train_bottleneck
 
-        b = self.cfg["bottleneck"]
+        b = self.cfg.bottleneck
         paths = {}
         teacher = None
         for beta in self.betas():
@@ -150,23 +149,20 @@ class Pipeline:
                     teacher = self.teacher_model()
                 _log(f"bottleneck β={beta:g}: training")
                 train_bottleneck(self.dataset(b, "train", train=True), self.dataset(b, "val", train=False),
-                                 copy.deepcopy(teacher), arch=self.cfg["teacher"]["arch"], beta=beta,
-                                 out_dir=path.parent, codec=b.get("codec"), stages=b.get("stages", STAGES),
-                                 select=b.get("select_taps"), saliency=b.get("saliency", 0.0),
-                                 aux_lr=b.get("aux_lr", 1e-2), entropy_lr=b.get("entropy_lr"), **self.fit_kwargs(b))
+                                 copy.deepcopy(teacher), arch=self.cfg.teacher.arch, beta=beta,
+                                 out_dir=path.parent, codec=b.codec, stages=b.stages, select=b.select_taps,
+                                 saliency=b.saliency, aux_lr=b.aux_lr, entropy_lr=b.entropy_lr, **self.fit_kwargs(b))
             paths[beta] = path
         return paths
 
-    def build_head(self, name: str, latent_channels: int | None, num_classes: int) -> Head:
-        spec = self.cfg["heads"][name]
-        kwargs = {"latent_channels": latent_channels, "num_classes": num_classes,
-                  "arch": self.cfg["teacher"]["arch"], **spec.get("kwargs", {})}
-        return HEADS.build(spec.get("type", name), **kwargs)
-
-    def head_classes(self, name: str, dataset) -> int:
-        """Classes a head predicts: segmentation adds background."""
-        spec = self.cfg["heads"][name]
-        return dataset.num_classes + (1 if spec.get("type", name) == "segmentation" else 0)
+    def build_head(self, name: str, latent_channels: int | None, dataset) -> Head:
+        """Head ``name`` built from its config section by its :meth:`~mtfc.head.Head.from_config`."""
+        spec = self.cfg.heads[name]
+        size = self.data_cfg(spec).get("image_size")
+        ctx = HeadContext(latent_channels, dataset.num_classes, tuple(getattr(dataset, "class_names", ())),
+                          (size, size) if isinstance(size, int) else tuple(size) if size else None,
+                          self.cfg.teacher.arch)
+        return HEADS.from_config(spec.type, spec.kwargs, ctx)
 
     def train_heads(self, references: bool = False) -> dict[str, Path]:
         """Fine-tune every configured head on every codec (or, with ``references``, on pixels)."""
@@ -174,8 +170,8 @@ class Pipeline:
 
         teacher = None
         done = {}
-        for name, spec in self.cfg.get("heads", {}).items():
-            if references and spec.get("reference", "train") != "train":
+        for name, spec in self.cfg.heads.items():
+            if references and spec.reference != "train":
                 continue
             for beta in ([None] if references else self.betas()):
                 path = self.head_path(beta, name)
@@ -188,15 +184,15 @@ class Pipeline:
                     teacher = self.teacher_model()
                 train_set = self.dataset(spec, "train", train=True)
                 distill_from = None
-                if beta is not None and spec.get("distill", False):
+                if beta is not None and spec.distill:
                     distill_from = self.reference_head(name, teacher, train_set)
                 seed_everything(self.seed)  # the head's initialisation is part of the run's reproducibility
                 if beta is None:
                     codec = None
-                    head = self.build_head(name, None, self.head_classes(name, train_set))
+                    head = self.build_head(name, None, train_set)
                 else:
                     codec = load_codec(self.codec_path(beta))
-                    head = self.build_head(name, codec.latent_channels, self.head_classes(name, train_set))
+                    head = self.build_head(name, codec.latent_channels, train_set)
                     head.init_from_codec(codec)
                 head.init_from_teacher(teacher)
                 _log(f"head {name} ({where}): training" + (" (distilled from its reference)" if distill_from else ""))
@@ -209,8 +205,8 @@ class Pipeline:
         """The head on uncompressed pixels: trained (``reference: train``) or the teacher itself."""
         from mtfc.model import load_head
 
-        if self.cfg["heads"][name].get("reference", "train") == "teacher":
-            head = self.build_head(name, None, self.head_classes(name, dataset))
+        if self.cfg.heads[name].reference == "teacher":
+            head = self.build_head(name, None, dataset)
             head.init_from_teacher(teacher)
             return head.eval()
         return load_head(self.head_path(None, name))
@@ -222,8 +218,8 @@ class Pipeline:
         from mtfc.evaluation.baselines import available_codecs, codec_method, uncompressed_method
         from mtfc.evaluation.runner import evaluate_method
 
-        ev = self.cfg.get("evaluation", {})
-        heads = self.cfg.get("heads", {})
+        ev = self.cfg.evaluation
+        heads = self.cfg.heads
         groups: dict[str, list[str]] = {}  # heads sharing a validation set share one encode per image
         for name, spec in heads.items():
             groups.setdefault(yaml.safe_dump(self.data_cfg(spec), sort_keys=True), []).append(name)
@@ -231,7 +227,7 @@ class Pipeline:
         rows = []
         for names in groups.values():
             val_set = self.dataset(heads[names[0]], "val", train=False)
-            loader = DataLoader(val_set, batch_size=ev.get("batch_size", 32), collate_fn=collate)
+            loader = DataLoader(val_set, batch_size=ev.batch_size, collate_fn=collate)
             refs = {n: self.reference_head(n, teacher, val_set) for n in names}
             metrics = {n: h.metric for n, h in refs.items()}
             for beta in self.betas():
@@ -242,7 +238,7 @@ class Pipeline:
                 rows += evaluate_method(mtfc_method(model.eval()), loader, evaluators, method="mtfc",
                                         rate_point=beta, metrics=metrics)
             evaluators = {n: h.build_evaluator(val_set) for n, h in refs.items()}
-            for codec, qualities in ev.get("baselines", {}).items():
+            for codec, qualities in ev.baselines.items():
                 if codec not in available_codecs():
                     _log(f"evaluate: {codec} is not supported by this Pillow build, skipped")
                     continue
@@ -256,7 +252,7 @@ class Pipeline:
     def report(self, rows: list[dict[str, Any]], command: str | None = None) -> dict[str, Path]:
         from mtfc.evaluation.report import collect_provenance, write_report
 
-        prov = collect_provenance(config=self.cfg, seed=self.seed, device=self.device, command=command)
+        prov = collect_provenance(config=self.cfg.to_dict(), seed=self.seed, device=self.device, command=command)
         return write_report(rows, self.out / "report", provenance=prov, training=self.training_logs())
 
     def training_logs(self) -> dict[str, tuple[dict[str, Path], list[tuple[str, str]]]]:
@@ -267,7 +263,7 @@ class Pipeline:
                   "bottleneck": ({f"β={b:g}": self.codec_path(b).parent for b in self.betas()},
                                  [("train", "loss"), ("train", "distill"), ("train", "bpp"), ("val", "bpp_est"),
                                   ("train", "aux_loss"), ("val", "student_top1")])}
-        for name in self.cfg.get("heads", {}):
+        for name in self.cfg.heads:
             runs = {"reference": self.head_path(None, name).parent,
                     **{f"β={b:g}": self.head_path(b, name).parent for b in self.betas()}}
             val_keys = next((list(r["val"]) for d in runs.values() for r in read_log(d) if r.get("val")), [])

@@ -269,6 +269,17 @@ def train_head(model: MultiTaskModel, name: str, train_set: Dataset, *, out_dir:
     return fit_head(model.heads[name], train_set, codec=model.codec, out_dir=out_dir, **kwargs)
 
 
+def check_targets(head: Head, dataset: Dataset) -> None:
+    """Raise ``ValueError`` before training if ``dataset``'s targets lack a key ``head.required_targets`` names."""
+    if len(dataset) == 0:
+        raise ValueError("the training set is empty")
+    provided = dataset[0][1]
+    missing = [k for k in head.required_targets if k not in provided]
+    if missing:
+        raise ValueError(f"{type(head).__name__} ({head.task}) needs targets {missing} that {type(dataset).__name__} "
+                         f"does not provide (its targets have {sorted(provided)}); use a dataset with these labels")
+
+
 def fit_head(head: Head, train_set: Dataset, *, codec: Codec | None, out_dir: str | Path,
              val_set: Dataset | None = None, teacher: nn.Module | None = None, optim: OptimSpec | None = None,
              **fit_kwargs: Any) -> dict[str, Any]:
@@ -278,6 +289,7 @@ def fit_head(head: Head, train_set: Dataset, *, codec: Codec | None, out_dir: st
     Returns the engine's history (per-epoch losses and the head evaluator's metrics).
     """
     out = Path(out_dir)
+    check_targets(head, train_set)
     task = HeadTask(codec, head, teacher, optim)
     history = _fit(task, train_set, val_set=val_set, out_dir=out, **fit_kwargs)
     save_head(head, out / "head.pt", codec.fingerprint if codec is not None else None, history=history)

@@ -1,5 +1,4 @@
-"""Head contract, MultiTaskModel, classification head, and the README's user-head example."""
-import re
+"""Head contract, MultiTaskModel and the classification head."""
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from mtfc.train import fit_head, train_head
 
 from conftest import tiny_codec
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 BUILTIN = {"classification": {}, "detection": {"image_size": 32}, "segmentation": {}}
 
 
@@ -130,17 +128,3 @@ def test_classification_fine_tune_learns_from_the_latent(tmp_path, data_root):
     losses = [e["train"]["loss"] for e in history["epochs"]]
     assert losses[-1] < 0.1 * losses[0]
     assert history["val"]["top1"] > 100 / 3 + 25, history["val"]
-
-
-def test_readme_user_head_example_runs_verbatim(tmp_path, monkeypatch, data_root):
-    text = README.read_text()
-    code = re.search(r"<!-- example: user-head -->\n```python\n(.*?)```", text, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    save_codec(tiny_codec(), "runs/demo/bottleneck/beta_1/codec.pt")
-    Path("runs/demo").mkdir(parents=True, exist_ok=True)
-    Path("runs/demo/data").symlink_to(data_root)
-    scope: dict = {"__name__": "readme_example"}
-    exec(compile(code, "README.md:user-head", "exec"), scope)
-    assert set(scope["history"]["val"]) == {"mae"}
-    assert scope["history"]["val"]["mae"] < 2.0
-    assert Path("runs/count/count.pt").is_file()

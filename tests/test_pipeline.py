@@ -77,4 +77,4 @@ def test_config_errors(tmp_path):
     (tmp_path / "ok.yaml").write_text(yaml.safe_dump({**TINY, "out_dir": "x", "data": {"type": "bundled", "root": "y"}}))
     with pytest.raises(ValueError, match="key=value"):
         load_config(tmp_path / "ok.yaml", ["novalue"])
-    assert load_config(tmp_path / "ok.yaml", ["bottleneck.epochs=3"])["bottleneck"]["epochs"] == 3
+    assert load_config(tmp_path / "ok.yaml", ["bottleneck.epochs=3"]).bottleneck.epochs == 3

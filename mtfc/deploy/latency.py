@@ -72,12 +72,12 @@ def _server_models(cfg: dict[str, Any], beta: float) -> tuple[Any, dict[str, Any
     from mtfc.pipeline import Pipeline
 
     p = Pipeline(cfg)
-    heads = cfg.get("heads", {})
+    heads = p.cfg.heads
     teacher_file = p.out / "teacher" / "teacher.pt"
     missing = [path for path in [p.codec_path(beta), *(p.head_path(beta, n) for n in heads),
-                                 *(p.head_path(None, n) for n, s in heads.items() if s.get("reference", "train") == "train")]
+                                 *(p.head_path(None, n) for n, s in heads.items() if s.reference == "train")]
                if not path.is_file()]
-    if cfg["teacher"].get("weights") is None and not teacher_file.is_file():
+    if p.cfg.teacher.weights is None and not teacher_file.is_file():
         missing.append(teacher_file)
     if missing:
         return f"the run's models are not on this machine ({', '.join(map(str, missing[:3]))} …)"

@@ -1,0 +1,59 @@
+"""The typed config schema: defaults in one place, mistakes refused with the key's path, --print-config."""
+import pytest
+import yaml
+
+from mtfc.cli import main
+from mtfc.config import Config
+from mtfc.optim import OptimSpec
+
+MINIMAL = {"out_dir": "x", "data": {"root": "d"}, "teacher": {"arch": "resnet10"}, "bottleneck": {"betas": [1]}}
+
+
+def test_defaults_are_filled_in():
+    cfg = Config.from_dict({**MINIMAL, "heads": {"cls": {"type": "classification"}, "seg": {}}})
+    assert cfg.bottleneck.betas == [1.0] and isinstance(cfg.bottleneck.betas[0], float)
+    assert (cfg.bottleneck.aux_lr, cfg.bottleneck.saliency, cfg.bottleneck.select_taps) == (1e-2, 0.0, None)
+    assert cfg.bottleneck.stages == ["layer1", "layer2", "layer3", "layer4"]
+    assert cfg.teacher.optim == OptimSpec() and cfg.teacher.epochs == 1 and cfg.teacher.amp is True
+    assert cfg.heads["seg"].type == "seg" and cfg.heads["cls"].reference == "train"
+    assert cfg.data.type == "bundled" and cfg.evaluation.baselines == {} and cfg.imports == []
+
+
+@pytest.mark.parametrize("patch, error, message", [
+    ({"teacher": {"arch": "resnet10", "epoch": 5}}, KeyError, "teacher.epoch: did you mean 'epochs'"),
+    ({"heads": {"c": {"kwarg": {}}}}, KeyError, "heads.c.kwarg: did you mean 'kwargs'"),
+    ({"bottleneck": {"betas": [1], "optim": {"shedule": "cosine"}}}, KeyError, "bottleneck.optim.shedule"),
+    ({"bottleneck": {"betas": [1], "data": {"roots": "z"}}}, KeyError, "bottleneck.data.roots: did you mean 'root'"),
+    ({"data": {"root": "d", "generate": {"num_class": 3}}}, KeyError, "data.generate.num_class"),
+    ({"teacher": {"arch": "resnet10", "epochs": "5"}}, TypeError, "teacher.epochs must be int, got '5'"),
+    ({"teacher": {"arch": "resnet10", "amp": 1}}, TypeError, "teacher.amp must be bool"),
+    ({"bottleneck": {"betas": [1, "a"]}}, TypeError, r"bottleneck.betas\[1\] must be float"),
+    ({"bottleneck": {"betas": []}}, ValueError, "bottleneck.betas is empty"),
+    ({"heads": {"c": {"reference": "pixels"}}}, ValueError, "heads.c.reference must be 'train' or 'teacher'"),
+    ({"teacher": None}, ValueError, "teacher must be a mapping"),
+])
+def test_mistakes_are_refused_with_the_keys_path(patch, error, message):
+    with pytest.raises(error, match=message):
+        Config.from_dict({**MINIMAL, **patch})
+
+
+def test_required_keys():
+    with pytest.raises(ValueError, match="lacks the required key bottleneck"):
+        Config.from_dict({k: v for k, v in MINIMAL.items() if k != "bottleneck"})
+
+
+def test_print_config_prints_the_resolved_config_that_reads_back(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    assert main(["run", str(path), "--set", "bottleneck.saliency=0.5", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["bottleneck"]["saliency"] == 0.5 and printed["bottleneck"]["aux_lr"] == 0.01
+    assert Config.from_dict(printed) == Config.from_dict({**MINIMAL, "bottleneck": {"betas": [1], "saliency": 0.5}})
+    assert not (tmp_path / "x").exists()  # printing runs nothing
+
+
+def test_cli_reports_a_config_mistake_without_a_traceback(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "teacher": {"arch": "resnet10", "epoch": 5}}))
+    assert main(["run", str(path)]) == 2
+    assert "teacher.epoch: did you mean 'epochs'" in capsys.readouterr().err

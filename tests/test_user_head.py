@@ -1,0 +1,64 @@
+"""The README's user head, run verbatim: from Python, and under `mtfc run` with nothing edited in the repository."""
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtfc.cli import main
+from mtfc.codec import save_codec
+from mtfc.data import make_dataset
+
+from conftest import tiny_codec
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def example(name: str, lang: str) -> str:
+    return re.search(rf"<!-- example: {name} -->\n```{lang}\n(.*?)```", README, re.S).group(1)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A directory holding the README's ``my_heads.py`` (importable) and the bundled dataset."""
+    root = tmp_path_factory.mktemp("user")
+    (root / "my_heads.py").write_text(example("user-head-module", "python"))
+    make_dataset(root / "runs/demo/data", image_size=32, num_classes=3, splits={"train": 64, "val": 32}, max_objects=2)
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+
+
+def test_from_python(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    save_codec(tiny_codec(), "runs/demo/bottleneck/beta_1/codec.pt")
+    scope: dict = {"__name__": "readme_example"}
+    exec(compile(example("user-head", "python"), "README.md:user-head", "exec"), scope)
+    assert set(scope["history"]["val"]) == {"mae"}
+    assert scope["history"]["val"]["mae"] < 2.0
+    assert Path("runs/count/count.pt").is_file()
+
+
+def test_under_mtfc_run(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    cfg = {"out_dir": "runs/user", "seed": 0,
+           "data": {"type": "bundled", "root": "runs/demo/data", "image_size": 32},
+           "teacher": {"arch": "resnet18", "epochs": 1, "batch_size": 32},
+           "bottleneck": {"betas": [0.1], "codec": {"latent_channels": 8, "hidden_channels": 16}, "epochs": 1,
+                          "batch_size": 32},
+           **yaml.safe_load(example("user-head-config", "yaml"))}
+    Path("user.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", "user.yaml", "--set", "device=cpu"]) == 0
+    rows = json.loads(Path("runs/user/report/results.json").read_text())["rows"]
+    assert {(r["method"], r["task"], r["metric_name"]) for r in rows} == {
+        ("mtfc", "count", "mae"), ("uncompressed", "count", "mae")}
+    assert Path("runs/user/heads/beta_0.1/count/head.pt").is_file() and Path("runs/user/reference/count/head.pt").is_file()
+
+
+def test_unknown_head_names_the_fix(tmp_path):
+    from mtfc.head import HEADS
+
+    with pytest.raises(KeyError, match="imports"):
+        HEADS.get("no_such_head")
