@@ -179,6 +179,11 @@ class Codec(CompressionModel):
     @torch.no_grad()
     def decode(self, streams: list[bytes]) -> torch.Tensor:
         """Validate and decode streams of equal size into the batched latent ŷ (B, C, h, w)."""
+        return self.decode_with_sizes(streams)[0]
+
+    @torch.no_grad()
+    def decode_with_sizes(self, streams: list[bytes]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """:meth:`decode`, and the input image size (H, W) each stream's header announces."""
         if isinstance(streams, (bytes, bytearray)):
             streams = [streams]
         if not streams:
@@ -200,7 +205,7 @@ class Codec(CompressionModel):
                 latents.append(self.latent_codec.decompress([[p] for p in payloads], shape)["y_hat"])
             except Exception as e:  # the checksum passed, so this is a forged stream; never crash on it
                 raise bitstream.CorruptStreamError(f"entropy decoding failed: {e}") from e
-        return torch.cat(latents)
+        return torch.cat(latents), [tuple(header.image_size) for header, _ in parsed]
 
 
 def save_codec(codec: Codec, path: str | Path) -> Path:

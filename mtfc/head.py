@@ -1,17 +1,19 @@
-"""The head contract: the one interface every task plugs into.
+"""The head contract: the one interface every task plugs into (the README's "Writing your own head").
 
-A head is an ``nn.Module`` that consumes the *decoded, hard-quantized latent* ``ŷ`` — exactly the
-tensor the edge server gets from :meth:`mtfc.Codec.decode` — and the batch's targets:
+A head is an :class:`Head` (an ``nn.Module``) on the *decoded, hard-quantized latent* ŷ — exactly the
+tensor the edge server gets from :meth:`mtfc.Codec.decode` — or, for a reference head, on the images:
 
-* training mode: ``head(latent, targets)`` returns a dict of scalar losses (summed by the engine);
-* eval mode: ``head(latent, targets)`` returns one prediction per image (a list), the format its
-  evaluator consumes. Targets may be ``None`` at inference; heads that need the input image size
-  read ``image_size`` from the targets when given, else infer it from the latent's stride.
+* ``from_config(kwargs, ctx)`` (classmethod): the constructor's arguments from its config section and
+  a :class:`HeadContext` (latent channels, the dataset's classes and image size, the teacher's arch);
+* ``loss(latent, targets, distill=None)``: training, a dict of scalar losses named ``loss_*``; ``distill``
+  is the explicit distillation signal (:class:`Distillation`), given when the config asks for it;
+* ``predict(latent, targets=None)``: one prediction per image; the framework passes the batch's targets
+  or, on the server, ``{"image_size": (H, W)}`` per image from the streams' headers;
+* ``task``, ``metric``, ``required_targets`` (checked against the dataset before training) and
+  ``build_evaluator(dataset)``: an object with ``reset()``, ``process(targets, predictions)`` and
+  ``evaluate() -> dict[str, float]``, as Detectron2's ``DatasetEvaluator``.
 
-A head names its ``task``, its primary ``metric``, the target keys it reads (``required_targets``),
-and builds its evaluator (``build_evaluator(dataset)``: an object with ``reset()``,
-``process(targets, predictions)`` and ``evaluate() -> dict[str, float]``, as Detectron2's
-``DatasetEvaluator``). Heads register under a name in :data:`HEADS` so configs can build them.
+Heads register under a name in :data:`HEADS` so configs and checkpoints can build them.
 """
 from __future__ import annotations
 

@@ -55,9 +55,14 @@ class MultiTaskModel(nn.Module):
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor | Sequence[bytes], targets: Targets | None = None,
                 heads: Sequence[str] | None = None) -> dict[str, Any]:
-        """Predictions of every attached head (or of ``heads``) from one decode."""
-        latent = self.latent(inputs)
-        return {name: self.heads[name].predict(latent, targets) for name in (heads or self.heads)}
+        """Predictions of every attached head (or of ``heads``) from one decode. Without ``targets``
+        each head gets ``{"image_size": (H, W)}`` per image, from the streams' headers."""
+        if isinstance(inputs, torch.Tensor):
+            latent, sizes = self.codec.quantize(inputs), [tuple(inputs.shape[-2:])] * len(inputs)
+        else:
+            latent, sizes = self.codec.decode_with_sizes(list(inputs))
+        meta = targets if targets is not None else [{"image_size": size} for size in sizes]
+        return {name: self.heads[name].predict(latent, meta) for name in (heads or self.heads)}
 
     # -- head checkpoints, independent of the codec ------------------------------------------------
     def save_head(self, name: str, path: str | Path, **meta: Any) -> Path:

@@ -57,8 +57,8 @@ def test_one_decode_feeds_every_head(images, monkeypatch):
     model.attach("b", _build("classification", codec.latent_channels))
     model.eval()
     calls = []
-    decode = codec.decode
-    monkeypatch.setattr(codec, "decode", lambda s: calls.append(len(s)) or decode(s))
+    decode = codec.decode_with_sizes
+    monkeypatch.setattr(codec, "decode_with_sizes", lambda s: calls.append(len(s)) or decode(s))
     streams = codec.encode(images)
     out = model(streams)
     assert calls == [3] and set(out) == {"a", "b"}

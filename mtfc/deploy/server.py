@@ -119,14 +119,16 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="mtfc-heads")
 
-    async def submit(self, latent: torch.Tensor, heads: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, float]]:
-        """Predictions of ``heads`` for one decoded latent (1, C, h, w), and the batch's timing."""
+    async def submit(self, latent: torch.Tensor, heads: tuple[str, ...],
+                     image_size: tuple[int, int]) -> tuple[dict[str, Any], dict[str, float]]:
+        """Predictions of ``heads`` for one decoded latent (1, C, h, w) of an image of ``image_size``
+        (from the stream's header), and the batch's timing."""
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(((tuple(latent.shape[1:]), heads), latent, future, time.perf_counter()))
+        await self.queue.put(((tuple(image_size), heads), latent, future, time.perf_counter()))
         return await future
 
     async def run(self) -> None:
-        pending: dict[Any, list] = {}  # (latent shape, heads) -> requests waiting, oldest first
+        pending: dict[Any, list] = {}  # (image size, heads) -> requests waiting, oldest first
 
         def take(item: tuple) -> None:
             pending.setdefault(item[0], []).append(item)
@@ -149,17 +151,18 @@ class Batcher:
             group, pending[key] = pending[key][: self.max_batch], pending[key][self.max_batch :]
             if not pending[key]:
                 del pending[key]
-            await self._run_group(key[1], group)
+            await self._run_group(*key, group)
 
-    async def _run_group(self, heads: tuple[str, ...], group: list) -> None:
+    async def _run_group(self, image_size: tuple[int, int], heads: tuple[str, ...], group: list) -> None:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self.executor, self._predict, heads, [g[1] for g in group])
+            outputs = await loop.run_in_executor(self.executor, self._predict, heads, [g[1] for g in group],
+                                                 image_size)
         except Exception:
             if len(group) > 1:  # isolate the culprit: every other request still gets its answer
                 for item in group:
-                    await self._run_group(heads, [item])
+                    await self._run_group(image_size, heads, [item])
                 return
             group[0][2].set_exception(RequestError(500, "HeadError", "a head failed on this input"))
             return
@@ -171,9 +174,11 @@ class Batcher:
                                          "batch_size": len(group)}))
 
     @torch.no_grad()
-    def _predict(self, heads: tuple[str, ...], latents: list[torch.Tensor]) -> list[dict[str, Any]]:
+    def _predict(self, heads: tuple[str, ...], latents: list[torch.Tensor],
+                 image_size: tuple[int, int]) -> list[dict[str, Any]]:
         latent = torch.cat(latents)
-        preds = {name: self.model.heads[name].predict(latent) for name in heads}
+        meta = [{"image_size": image_size}] * len(latents)
+        preds = {name: self.model.heads[name].predict(latent, meta) for name in heads}
         tasks = {name: self.model.heads[name].task for name in heads}
         return [{name: prediction_to_json(tasks[name], preds[name][i]) for name in heads} for i in range(len(latents))]
 
@@ -267,7 +272,7 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
             except bitstream.BitstreamError as e:
                 raise RequestError(400, type(e).__name__, str(e)) from None
             decode_ms = 1000 * (time.perf_counter() - t0)
-            predictions, timing = await batcher.submit(latent, names)
+            predictions, timing = await batcher.submit(latent, names, image_size)
         except RequestError as e:
             metrics.record(e.status, 1000 * (time.perf_counter() - start), size, e.kind)
             raise
