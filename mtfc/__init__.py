@@ -5,12 +5,13 @@ heads (classification, Detectron2 detection, MMSeg segmentation, your own) run o
 compressed latent. See README.md.
 """
 from mtfc.bitstream import BitstreamError
+from mtfc.checkpoint import CheckpointError
 from mtfc.codec import Codec, load_codec, save_codec
 from mtfc.head import HEADS, Head
 from mtfc.model import MultiTaskModel
 
 __version__ = "0.1.0"
-__all__ = ["BitstreamError", "Codec", "HEADS", "Head", "MultiTaskModel", "load_codec", "save_codec", "train_head"]
+__all__ = ["BitstreamError", "CheckpointError", "Codec", "HEADS", "Head", "MultiTaskModel", "load_codec", "save_codec", "train_head"]
 
 
 def __getattr__(name: str):

@@ -10,7 +10,7 @@ A *task* is an ``nn.Module`` that owns its model and its losses:
   every ``val_every`` epochs and at the end; its batches arrive already on the training device.
 * optional attribute ``find_unused_parameters`` (default ``True``) is handed to DDP.
 
-``out_dir/last.pt`` is written atomically every ``ckpt_every`` steps and at each epoch end. It holds
+``out_dir/last.pt`` (an :mod:`mtfc.checkpoint` of kind ``mtfc-train-state``) is written atomically every ``ckpt_every`` steps and at each epoch end. It holds
 everything needed to continue mid-epoch as if never interrupted: task, optimizers, GradScaler,
 position (epoch, step in epoch, global step), each rank's RNG states and running epoch sums, and the
 history. With ``num_workers=0`` a resumed run reaches bit-identical parameters; with workers, the data
@@ -34,59 +34,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
+from mtfc.checkpoint import TRAIN_STATE, CheckpointError, load_checkpoint, save_checkpoint
 from mtfc.optim import OptimSpec, lr_factor
-
-CKPT_FORMAT = "mtfc.engine/1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is unreadable, truncated, corrupt or not what the reader expects."""
-
-
-# -- files ---------------------------------------------------------------------------------------
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` ``obj`` so that a crash at any moment leaves either the old ``path`` or the new one.
-
-    Writes a temporary file in the same directory, fsyncs it, ``os.replace``-s it over ``path`` and
-    fsyncs the directory so the rename itself is durable.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a dict saved by :func:`atomic_save` with ``torch.load(weights_only=True)`` onto the CPU.
-
-    Raises ``FileNotFoundError`` or :class:`CheckpointError` naming ``path`` instead of torch's internals.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated, corrupt or not weights-only "
-                              f"({type(exc).__name__}: {reason})") from exc
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
-    return obj
 
 
 def to_device(obj: Any, device: str | torch.device) -> Any:
@@ -281,12 +230,10 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world_size) / batch_size)
     total_steps = min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
 
-    ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    ckpt = load_checkpoint(ckpt_path, TRAIN_STATE) if resume and ckpt_path.exists() else None
     epoch = step_in_epoch = global_step = 0
     history: list[dict[str, Any]] = []
     if ckpt is not None:
-        if ckpt.get("format") != CKPT_FORMAT:
-            raise CheckpointError(f"{ckpt_path} is not an mtfc training checkpoint (format {ckpt.get('format')!r})")
         task.load_state_dict(ckpt["task"])
         epoch, step_in_epoch, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         history = list(ckpt["history"])
@@ -347,10 +294,11 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
     def save() -> None:
         ranks = _gather({"rng": _rng_state(device), "sums": dict(sums)}, world_size)
         if main:
-            atomic_save({"format": CKPT_FORMAT, "run": run, "done": finished(), "epoch": epoch,
-                         "step_in_epoch": step_in_epoch, "global_step": global_step, "task": task.state_dict(),
-                         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                         "scaler": scaler.state_dict(), "ranks": ranks, "history": history}, ckpt_path)
+            save_checkpoint(ckpt_path, TRAIN_STATE, {
+                "run": run, "done": finished(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "global_step": global_step, "task": task.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "scaler": scaler.state_dict(), "ranks": ranks, "history": history})
 
     while not finished():
         indices = _epoch_indices(train_set, epoch, seed, rank, world_size)

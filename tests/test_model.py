@@ -86,14 +86,16 @@ def test_head_checkpoint_records_the_codec(tmp_path, images, frozen_codec):
     model.attach("cls", _build("classification", a.latent_channels)).eval()
     path = model.save_head("cls", tmp_path / "cls.pt")
     assert torch.load(path, weights_only=True)["codec_fingerprint"] == a.fingerprint
-    with pytest.raises(ValueError, match="retrain the head"):
+    with pytest.raises(mtfc.CheckpointError, match=f"{path} was trained on codec {a.fingerprint}, not on "
+                                                   f"{b.fingerprint}; retrain the head"):
         MultiTaskModel(b).load_head("cls", path)
     again = MultiTaskModel(a)
     again.load_head("cls", path).eval()
     assert torch.equal(torch.stack(again(images)["cls"]), torch.stack(model(images)["cls"]))
-    with pytest.raises(ValueError, match="uncompressed pixels"):
+    with pytest.raises(mtfc.CheckpointError, match="not on uncompressed pixels"):
         load_head(path, None)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(mtfc.CheckpointError, match=f"head checkpoint {tmp_path / 'missing.pt'} does not exist; "
+                                                   "`mtfc train-head CONFIG`"):
         load_head(tmp_path / "missing.pt", a.fingerprint)
 
 
