@@ -16,6 +16,7 @@ import torch
 
 from mtfc.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from mtfc.engine import fit, to_device
+from mtfc.optim import OptimSpec, lr_factor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _engine_task import FIT_KWARGS, N_TRAIN, NoisyDataset, TinyTask, collate  # noqa: E402
@@ -163,6 +164,24 @@ def test_unreadable_checkpoints_are_named(tmp_path, reference):
         train(tmp_path / "other")
     with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'missing.pt'} does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_the_task_chooses_its_schedule(tmp_path):
+    """``task.optim`` is the schedule when ``fit`` gets none; ``fit(optim=...)`` overrides it."""
+    spec = OptimSpec(schedule="cosine", warmup=0.0, final_lr=0.5)
+    task = TinyTask()
+    task.optim = spec
+    _, history = train(tmp_path / "task", task=task, val_set=None)
+    steps = N_TRAIN // FIT_KWARGS["batch_size"]
+    assert [r["lr"] for r in history["epochs"]] == [1e-2 * lr_factor(spec, s * steps - 1, TOTAL_STEPS) for s in (1, 2)]
+    assert json.loads((tmp_path / "task" / "log.jsonl").read_text().splitlines()[0])["lr"] == history["epochs"][0]["lr"]
+    task = TinyTask()
+    task.optim = spec
+    _, history = train(tmp_path / "override", task=task, val_set=None, optim=OptimSpec(schedule="constant"))
+    assert [r["lr"] for r in history["epochs"]] == [1e-2, 1e-2]
+    task.optim = {"lr": 1e-3}
+    with pytest.raises(TypeError, match="TinyTask.optim must be an mtfc.optim.OptimSpec, got dict"):
+        train(tmp_path / "bad", task=task)
 
 
 def test_resume_refuses_a_different_run(tmp_path):
