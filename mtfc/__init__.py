@@ -11,7 +11,8 @@ from mtfc.head import HEADS, Head
 from mtfc.model import MultiTaskModel
 
 __version__ = "0.1.0"
-__all__ = ["BitstreamError", "CheckpointError", "Codec", "HEADS", "Head", "MultiTaskModel", "load_codec", "save_codec", "train_head"]
+__all__ = ["BitstreamError", "CheckpointError", "Codec", "HEADS", "Head", "MultiTaskModel", "load_codec", "save_codec",
+           "train_head"]
 
 
 def __getattr__(name: str):

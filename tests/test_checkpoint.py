@@ -67,8 +67,9 @@ def test_layouts_written_before_the_uniform_header_still_load(tmp_path, frozen_c
     for name in ("teacher.pt", "plain.pth"):
         assert _equal_state(build_teacher("resnet10", 3, tmp_path / name).state_dict(), teacher.state_dict())
     assert load_checkpoint(tmp_path / "last.pt", TRAIN_STATE)["epoch"] == 2
-    assert [header(torch.load(tmp_path / n, weights_only=True)) for n in ("codec.pt", "head.pt", "teacher.pt", "last.pt")] \
-        == [(CODEC, 1), (HEAD, 1), (TEACHER, 1), (TRAIN_STATE, 1)]
+    names = ("codec.pt", "head.pt", "teacher.pt", "last.pt")
+    headers = [header(torch.load(tmp_path / n, weights_only=True)) for n in names]
+    assert headers == [(CODEC, 1), (HEAD, 1), (TEACHER, 1), (TRAIN_STATE, 1)]
 
 
 def test_every_error_names_the_file_and_the_fix(tmp_path, frozen_codec):
