@@ -5,12 +5,14 @@ heads (classification, Detectron2 detection, MMSeg segmentation, your own) run o
 compressed latent. See README.md.
 """
 from mtfc.bitstream import BitstreamError
+from mtfc.checkpoint import CheckpointError
 from mtfc.codec import Codec, load_codec, save_codec
 from mtfc.head import HEADS, Distillation, Head, HeadContext
 from mtfc.model import MultiTaskModel
 
 __version__ = "0.1.0"
-__all__ = ["BitstreamError", "Codec", "Distillation", "HEADS", "Head", "HeadContext", "MultiTaskModel", "load_codec", "save_codec", "train_head"]
+__all__ = ["BitstreamError", "CheckpointError", "Codec", "Distillation", "HEADS", "Head", "HeadContext",
+           "MultiTaskModel", "load_codec", "save_codec", "train_head"]
 
 
 def __getattr__(name: str):

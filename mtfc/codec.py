@@ -24,10 +24,9 @@ from compressai.models.utils import conv, deconv
 from torch import nn
 
 from mtfc import bitstream
+from mtfc.checkpoint import CODEC, CheckpointError, load_checkpoint, save_checkpoint
 from mtfc.teacher import normalize
 
-ARTIFACT_FORMAT = "mtfc-codec"
-ARTIFACT_VERSION = 1
 KINDS = ("factorized", "hyperprior")
 
 
@@ -209,28 +208,16 @@ class Codec(CompressionModel):
 
 
 def save_codec(codec: Codec, path: str | Path) -> Path:
-    """Write a frozen codec as a standalone artifact (loads with ``torch.load(weights_only=True)``)."""
-    from mtfc.engine import atomic_save
-
-    artifact = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "config": codec.config,
-                "fingerprint": codec.fingerprint, "meta": codec.meta, "state_dict": codec.state_dict()}
-    atomic_save(artifact, path)
-    return Path(path)
+    """Write a frozen codec as a standalone artifact (see :mod:`mtfc.checkpoint`)."""
+    return save_checkpoint(path, CODEC, {"config": codec.config, "fingerprint": codec.fingerprint, "meta": codec.meta,
+                                         "state_dict": codec.state_dict()})
 
 
 def load_codec(path: str | Path, map_location: str | torch.device = "cpu") -> Codec:
-    """Load a frozen codec artifact written by :func:`save_codec`; verifies its fingerprint."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"codec artifact {path} does not exist (train one with `mtfc train-bottleneck`)")
-    try:
-        art = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable codec artifact: {e}") from e
-    if not isinstance(art, dict) or art.get("format") != ARTIFACT_FORMAT:
-        raise ValueError(f"{path} is not an mtfc codec artifact")
-    if art["version"] != ARTIFACT_VERSION:
-        raise ValueError(f"{path} has codec artifact version {art['version']}; this mtfc reads {ARTIFACT_VERSION}")
+    """Load a frozen codec artifact written by :func:`save_codec`; verifies its fingerprint.
+
+    Raises :class:`~mtfc.checkpoint.CheckpointError` naming the file and the fix."""
+    art = load_checkpoint(path, CODEC, map_location=map_location)
     codec = Codec(**art["config"])
     codec.load_state_dict(art["state_dict"])
     codec.meta = dict(art.get("meta", {}))
@@ -238,5 +225,6 @@ def load_codec(path: str | Path, map_location: str | torch.device = "cpu") -> Co
     codec.eval()
     codec._fingerprint = codec._compute_fingerprint()
     if codec._fingerprint != art["fingerprint"]:
-        raise ValueError(f"{path} is corrupt: its weights do not match its fingerprint {art['fingerprint']}")
+        raise CheckpointError(f"{path} is corrupt: its weights do not match its fingerprint {art['fingerprint']}; "
+                              "re-create it with `mtfc train-bottleneck CONFIG`")
     return codec

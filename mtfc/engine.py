@@ -1,20 +1,30 @@
 """The one training engine: every stage (teacher, shared bottleneck, each head) trains through :func:`fit`.
 
-A *task* is an ``nn.Module`` that owns its model and its losses:
+A *task* is an ``nn.Module`` that owns its model, its losses and its optimisation:
 
 * ``task(batch)`` in train mode returns a dict of scalar tensors. The keys of
   ``task.configure_optimizers()`` (``dict[loss_key, Optimizer]`` over disjoint parameters, e.g.
-  ``{"loss": Adam(main), "aux_loss": Adam(entropy-model quantiles)}``) are summed and
+  ``{"loss": AdamW(main), "aux_loss": Adam(entropy-model quantiles)}``) are summed and
   back-propagated once, then every optimizer steps; every other scalar (``"bpp"``, …) is only logged.
+* ``task.optim`` (an :class:`~mtfc.optim.OptimSpec`, optional) is the schedule and clipping the
+  engine applies: per step, every optimizer group's learning rate is the rate it was built with times
+  :func:`~mtfc.optim.lr_factor`, and each optimizer's gradients are clipped to ``clip_grad``. The task
+  builds its optimizers from the same spec (:func:`~mtfc.optim.build_optimizer`), so this one
+  attribute plus ``configure_optimizers`` is the whole optimisation hook; ``fit(optim=...)`` overrides
+  it, and a task without one trains at a constant rate.
 * optional ``task.validate(loader) -> dict[str, float]`` runs in eval mode under ``torch.no_grad``
   every ``val_every`` epochs and at the end; its batches arrive already on the training device.
 * optional attribute ``find_unused_parameters`` (default ``True``) is handed to DDP.
 
-``out_dir/last.pt`` is written atomically every ``ckpt_every`` steps and at each epoch end. It holds
-everything needed to continue mid-epoch as if never interrupted: task, optimizers, GradScaler,
-position (epoch, step in epoch, global step), each rank's RNG states and running epoch sums, and the
-history. With ``num_workers=0`` a resumed run reaches bit-identical parameters; with workers, the data
-order is the same but the workers' augmentation RNG restarts at the resume point.
+The parts: :class:`TrainState` (task, optimizers, GradScaler, position, running sums, history)
+and how it is restored; ``_Loop`` with ``train_step``, ``train_epoch``, ``end_epoch`` (averages,
+validation via :func:`_validate`, checkpoint, logs) and ``save``; :func:`fit` wires them.
+
+``out_dir/last.pt`` (an :mod:`mtfc.checkpoint` of kind ``mtfc-train-state``) is written atomically
+every ``ckpt_every`` steps and at each epoch end. It holds everything needed to continue mid-epoch as
+if never interrupted: the state above plus each rank's RNG states and running sums. With
+``num_workers=0`` a resumed run reaches bit-identical parameters; with workers, the data order is the
+same but the workers' augmentation RNG restarts at the resume point.
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -34,59 +45,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
+from mtfc.checkpoint import TRAIN_STATE, CheckpointError, load_checkpoint, save_checkpoint
 from mtfc.optim import OptimSpec, lr_factor
-
-CKPT_FORMAT = "mtfc.engine/1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is unreadable, truncated, corrupt or not what the reader expects."""
-
-
-# -- files ---------------------------------------------------------------------------------------
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` ``obj`` so that a crash at any moment leaves either the old ``path`` or the new one.
-
-    Writes a temporary file in the same directory, fsyncs it, ``os.replace``-s it over ``path`` and
-    fsyncs the directory so the rename itself is durable.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a dict saved by :func:`atomic_save` with ``torch.load(weights_only=True)`` onto the CPU.
-
-    Raises ``FileNotFoundError`` or :class:`CheckpointError` naming ``path`` instead of torch's internals.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated, corrupt or not weights-only "
-                              f"({type(exc).__name__}: {reason})") from exc
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
-    return obj
 
 
 def to_device(obj: Any, device: str | torch.device) -> Any:
@@ -244,6 +204,207 @@ def _summary(history: list[dict[str, Any]], global_step: int) -> dict[str, Any]:
     return {"epochs": history, "val": dict(history[-1].get("val", {})) if history else {}, "global_step": global_step}
 
 
+# -- the training state and its checkpoint -------------------------------------------------------
+@dataclass
+class TrainState:
+    """What a run continues from: the task, its optimizers and GradScaler, the position, this rank's
+    running sums over the current epoch's steps, and the history of finished (or cut) epochs. The RNG
+    states are the processes' own; :meth:`_Loop.save` adds them to the checkpoint."""
+
+    task: nn.Module
+    optimizers: dict[str, torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def restore(self, ckpt: dict[str, Any], path: Path, rank: int, device: torch.device) -> None:
+        """Continue from a training checkpoint (whose task weights are already loaded)."""
+        if set(ckpt["optimizers"]) != set(self.optimizers):
+            raise CheckpointError(f"{path} holds optimizers {sorted(ckpt['optimizers'])}, "
+                                  f"configure_optimizers() returns {sorted(self.optimizers)}; "
+                                  "pass resume=False or use another out_dir")
+        for key, opt in self.optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][key])
+        if self.scaler.is_enabled() and ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+        self.history = list(ckpt["history"])
+        if self.history and self.history[-1]["epoch"] == self.epoch:  # a max_steps stop mid-epoch, now continued
+            self.history.pop()
+        self.sums = dict(ckpt["ranks"][rank]["sums"])
+        _set_rng_state(ckpt["ranks"][rank]["rng"], device)  # last: nothing random may happen in between
+
+
+@dataclass
+class _Loop:
+    """One run of :func:`fit`: its fixed settings, its :class:`TrainState`, and the steps that move it."""
+
+    state: TrainState
+    model: nn.Module  # the task, or its DDP wrapper
+    train_set: Dataset
+    val_set: Dataset | None
+    out_dir: Path
+    run: dict[str, Any]  # what a resumed run must match to reproduce this one
+    optim: OptimSpec
+    epochs: int
+    max_steps: int | None
+    batch_size: int
+    val_every: int
+    ckpt_every: int
+    collate_fn: Callable | None
+    num_workers: int
+    seed: int
+    use_amp: bool
+    progress: bool
+    device: torch.device
+    rank: int
+    world_size: int
+    writer: Any = None  # rank 0's TensorBoard SummaryWriter
+    lr: float = 0.0  # the learning rate of the last step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(math.ceil(len(self.train_set) / self.world_size) / self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return min(self.epochs * self.steps_per_epoch, self.max_steps or self.epochs * self.steps_per_epoch)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    def finished(self) -> bool:
+        return _finished(self.state.epoch, self.state.global_step, self.epochs, self.max_steps)
+
+    def set_lr(self) -> float:
+        """Apply the schedule at the current step to every optimizer; returns the first group's rate."""
+        factor = lr_factor(self.optim, self.state.global_step, self.total_steps)
+        for opt in self.state.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+        return next(iter(self.state.optimizers.values())).param_groups[0]["lr"]
+
+    def save(self) -> None:
+        """Write ``last.pt`` (rank 0) with every rank's RNG state and running sums."""
+        s = self.state
+        ranks = _gather({"rng": _rng_state(self.device), "sums": dict(s.sums)}, self.world_size)
+        if self.rank == 0:
+            save_checkpoint(self.ckpt_path, TRAIN_STATE, {
+                "run": self.run, "done": self.finished(), "epoch": s.epoch, "step_in_epoch": s.step_in_epoch,
+                "global_step": s.global_step, "task": s.task.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in s.optimizers.items()},
+                "scaler": s.scaler.state_dict(), "ranks": ranks, "history": s.history})
+
+    def train_step(self, batch: Any) -> dict[str, float]:
+        """Forward, one backward of the summed losses, clip and step every optimizer; returns the scalars."""
+        s, loss_keys = self.state, list(self.state.optimizers)
+        with torch.autocast(self.device.type, dtype=torch.float16) if self.use_amp else contextlib.nullcontext():
+            out = self.model(batch)
+        keys = _scalars(out, loss_keys)
+        total = sum(out[k].float() for k in loss_keys)
+        for opt in s.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self.lr = self.set_lr()
+        s.scaler.scale(total).backward()
+        for opt in s.optimizers.values():
+            if self.optim.clip_grad is not None:
+                s.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], self.optim.clip_grad)
+            s.scaler.step(opt)
+        s.scaler.update()
+        s.step_in_epoch += 1
+        s.global_step += 1
+        logged = dict(zip(keys, torch.stack([out[k].detach().float().reshape(()) for k in keys]).tolist()))
+        losses = {k: logged[k] for k in loss_keys}
+        if not self.use_amp and not all(map(math.isfinite, losses.values())):
+            raise FloatingPointError(f"non-finite loss at global step {s.global_step}: {losses}")
+        for k, v in logged.items():
+            s.sums[k] = s.sums.get(k, 0.0) + v
+        return logged
+
+    def train_epoch(self) -> tuple[int, float]:
+        """The rest of the current epoch (or up to ``max_steps``), checkpointing every ``ckpt_every``
+        steps; returns the images seen and the start time."""
+        s = self.state
+        indices = _epoch_indices(self.train_set, s.epoch, self.seed, self.rank, self.world_size)
+        loader = DataLoader(self.train_set, batch_size=self.batch_size,
+                            sampler=indices[s.step_in_epoch * self.batch_size:], collate_fn=self.collate_fn,
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(_epoch_seed(self.seed, s.epoch)))
+        bar = tqdm(total=self.steps_per_epoch, initial=s.step_in_epoch, desc=f"epoch {s.epoch + 1}/{self.epochs}",
+                   disable=not (self.progress and self.rank == 0), dynamic_ncols=True)
+        images, t0 = 0, time.perf_counter()
+        self.lr = self.set_lr()
+        for batch in loader:
+            batch = to_device(batch, self.device)
+            logged = self.train_step(batch)
+            images += _num_images(batch)
+            if self.writer is not None:
+                for k, v in logged.items():
+                    self.writer.add_scalar(f"train/{k}", v, s.global_step)
+                self.writer.add_scalar("train/lr", self.lr, s.global_step)
+            bar.set_postfix({**{k: f"{v:.4g}" for k, v in logged.items()},
+                             "img/s": f"{images / (time.perf_counter() - t0):.1f}"}, refresh=False)
+            bar.update(1)
+            if self.finished():
+                break
+            if s.global_step % self.ckpt_every == 0 and s.step_in_epoch < self.steps_per_epoch:
+                self.save()
+        bar.close()
+        return images, t0
+
+    def end_epoch(self, images: int, t0: float) -> None:
+        """Epoch end (or a ``max_steps`` stop): means over all ranks, validation, checkpoint, logs."""
+        s = self.state
+        names = sorted(s.sums)
+        totals = torch.tensor([s.sums[k] for k in names] + [float(images)], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        record: dict[str, Any] = {
+            "epoch": s.epoch, "global_step": s.global_step, "steps": s.step_in_epoch,
+            "train": {k: float(v) / (s.step_in_epoch * self.world_size) for k, v in zip(names, totals[:-1].tolist())},
+            "images_per_s": float(totals[-1]) / max(time.perf_counter() - t0, 1e-9),
+            "seconds": time.perf_counter() - t0, "lr": self.lr}
+        if s.step_in_epoch >= self.steps_per_epoch:
+            s.epoch, s.step_in_epoch, s.sums = s.epoch + 1, 0, {}
+        if self.val_set is not None and ((s.step_in_epoch == 0 and s.epoch % self.val_every == 0) or self.finished()):
+            record["val"] = _validate(s.task, self.val_set, self.batch_size, self.collate_fn, self.num_workers,
+                                      self.device, self.rank == 0, self.world_size)
+        s.history.append(record)
+        self.save()
+        if self.writer is not None:
+            self.writer.add_scalar("train/images_per_s", record["images_per_s"], s.global_step)
+            for k, v in record.get("val", {}).items():
+                self.writer.add_scalar(f"val/{k}", v, s.global_step)
+            self.writer.flush()
+            _write_log(self.out_dir / "log.jsonl", s.history)
+
+
+def _finished(epoch: int, global_step: int, epochs: int, max_steps: int | None) -> bool:
+    return epoch >= epochs or (max_steps is not None and global_step >= max_steps)
+
+
+def _optim_spec(task: nn.Module, optim: OptimSpec | None) -> OptimSpec:
+    """``fit``'s ``optim``, else the task's ``optim`` attribute, else a constant learning rate."""
+    spec = optim or getattr(task, "optim", None) or OptimSpec(schedule="constant")
+    if not isinstance(spec, OptimSpec):
+        raise TypeError(f"{type(task).__name__}.optim must be an mtfc.optim.OptimSpec, got {type(spec).__name__}")
+    return spec
+
+
+def _open_writer(out_dir: Path) -> Any:
+    """Rank 0's TensorBoard writer; first removes temporary files left by a run killed while saving."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for stale in out_dir.glob(".last.pt.*.tmp"):
+        stale.unlink()
+    return SummaryWriter(str(out_dir / "tb"))
+
+
 # -- the loop ------------------------------------------------------------------------------------
 def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int, batch_size: int,
         val_set: Dataset | None = None, val_every: int = 1, collate_fn: Callable | None = None,
@@ -253,14 +414,13 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
     """Train ``task`` on ``train_set``; resumable, reproducible, DDP-aware (run under ``torchrun``).
 
     Returns ``{"epochs": [record, …], "val": last validation metrics, "global_step": n}``; a record is
-    ``{"epoch", "global_step", "steps", "train": {key: mean}, "images_per_s", "val"?}`` and the same
-    records are in ``out_dir/log.jsonl`` and as TensorBoard scalars in ``out_dir/tb``. If ``last.pt`` says
-    training already reached ``epochs`` / ``max_steps``, the task gets its weights and ``fit`` returns
-    at once. AMP (fp16 autocast + GradScaler) is used only on CUDA.
+    ``{"epoch", "global_step", "steps", "train": {key: mean}, "images_per_s", "seconds", "lr", "val"?}``
+    and the same records are in ``out_dir/log.jsonl`` and as TensorBoard scalars in ``out_dir/tb``. If
+    ``last.pt`` says training already reached ``epochs`` / ``max_steps``, the task gets its weights and
+    ``fit`` returns at once. AMP (fp16 autocast + GradScaler) is used only on CUDA.
 
-    ``optim`` sets the per-step learning-rate schedule (applied to every optimizer's groups, relative to
-    the learning rate each was built with) and gradient clipping (per optimizer); the task builds its
-    optimizers from the same spec (:func:`mtfc.optim.build_optimizer`). Each record carries its ``lr``.
+    ``optim`` (default: ``task.optim``, see the module docstring) sets the per-step learning-rate
+    schedule and gradient clipping.
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("val_every", val_every),
                         ("ckpt_every", ckpt_every)):
@@ -272,33 +432,19 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
         raise TypeError(f"val_set given but {type(task).__name__} has no validate(loader) method")
 
     out_dir = Path(out_dir)
-    ckpt_path = out_dir / "last.pt"
     rank, world_size, device = _setup_distributed(device)
-    main = rank == 0
-    optim = optim or OptimSpec(schedule="constant")
+    optim = _optim_spec(task, optim)
     run = {"seed": seed, "batch_size": batch_size, "world_size": world_size, "train_size": len(train_set),
            "epochs": epochs, "optim": optim.to_dict()}
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / world_size) / batch_size)
-    total_steps = min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
-
-    ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
-    epoch = step_in_epoch = global_step = 0
-    history: list[dict[str, Any]] = []
+    ckpt_path = out_dir / "last.pt"
+    ckpt = load_checkpoint(ckpt_path, TRAIN_STATE) if resume and ckpt_path.exists() else None
     if ckpt is not None:
-        if ckpt.get("format") != CKPT_FORMAT:
-            raise CheckpointError(f"{ckpt_path} is not an mtfc training checkpoint (format {ckpt.get('format')!r})")
         task.load_state_dict(ckpt["task"])
-        epoch, step_in_epoch, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
-        history = list(ckpt["history"])
-
-    def finished() -> bool:
-        return epoch >= epochs or (max_steps is not None and global_step >= max_steps)
-
-    if ckpt is not None and finished():
-        return _summary(history, global_step)
-    if ckpt is not None and ckpt["run"] != run:
-        raise ValueError(f"{ckpt_path} was written by a run with {ckpt['run']}, this run has {run}: resuming would "
-                         "not reproduce its data order; pass resume=False or use another out_dir")
+        if _finished(ckpt["epoch"], ckpt["global_step"], epochs, max_steps):
+            return _summary(list(ckpt["history"]), ckpt["global_step"])
+        if ckpt["run"] != run:
+            raise ValueError(f"{ckpt_path} was written by a run with {ckpt['run']}, this run has {run}: resuming "
+                             "would not reproduce its data order; pass resume=False or use another out_dir")
 
     seed_everything(seed + rank)
     task.to(device).train()
@@ -311,122 +457,20 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
     for opt in optimizers.values():
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])
-    loss_keys = list(optimizers)
-
-    def set_lr() -> float:
-        factor = lr_factor(optim, global_step, total_steps)
-        for opt in optimizers.values():
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-        return next(iter(optimizers.values())).param_groups[0]["lr"]
     use_amp = amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-
-    sums: dict[str, float] = {}  # this rank's per-key sums over the steps of the current epoch
+    state = TrainState(task, optimizers, torch.amp.GradScaler(device.type, enabled=use_amp))
     if ckpt is not None:
-        if set(ckpt["optimizers"]) != set(optimizers):
-            raise CheckpointError(f"{ckpt_path} holds optimizers {sorted(ckpt['optimizers'])}, "
-                                  f"configure_optimizers() returns {sorted(optimizers)}")
-        for key, opt in optimizers.items():
-            opt.load_state_dict(ckpt["optimizers"][key])
-        if scaler.is_enabled() and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        if history and history[-1]["epoch"] == epoch:  # a max_steps stop mid-epoch, now continued
-            history.pop()
-        sums = dict(ckpt["ranks"][rank]["sums"])
-        _set_rng_state(ckpt["ranks"][rank]["rng"], device)  # last: nothing random may happen in between
-
-    writer = None
-    if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        for stale in out_dir.glob(f".{ckpt_path.name}.*.tmp"):  # left by a run killed while saving
-            stale.unlink()
-        writer = SummaryWriter(str(out_dir / "tb"))
-
-    def save() -> None:
-        ranks = _gather({"rng": _rng_state(device), "sums": dict(sums)}, world_size)
-        if main:
-            atomic_save({"format": CKPT_FORMAT, "run": run, "done": finished(), "epoch": epoch,
-                         "step_in_epoch": step_in_epoch, "global_step": global_step, "task": task.state_dict(),
-                         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                         "scaler": scaler.state_dict(), "ranks": ranks, "history": history}, ckpt_path)
-
-    while not finished():
-        indices = _epoch_indices(train_set, epoch, seed, rank, world_size)
-        loader = DataLoader(train_set, batch_size=batch_size, sampler=indices[step_in_epoch * batch_size:],
-                            collate_fn=collate_fn, num_workers=num_workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))
-        bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{epochs}",
-                   disable=not (progress and main), dynamic_ncols=True)
-        images, t0 = 0, time.perf_counter()
-        lr = set_lr()
-        for batch in loader:
-            batch = to_device(batch, device)
-            with torch.autocast(device.type, dtype=torch.float16) if use_amp else contextlib.nullcontext():
-                out = model(batch)
-            keys = _scalars(out, loss_keys)
-            total = sum(out[k].float() for k in loss_keys)
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            lr = set_lr()
-            scaler.scale(total).backward()
-            for opt in optimizers.values():
-                if optim.clip_grad is not None:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], optim.clip_grad)
-                scaler.step(opt)
-            scaler.update()
-            step_in_epoch += 1
-            global_step += 1
-            logged = dict(zip(keys, torch.stack([out[k].detach().float().reshape(()) for k in keys]).tolist()))
-            losses = {k: logged[k] for k in loss_keys}
-            if not use_amp and not all(map(math.isfinite, losses.values())):
-                raise FloatingPointError(f"non-finite loss at global step {global_step}: {losses}")
-            for k, v in logged.items():
-                sums[k] = sums.get(k, 0.0) + v
-            images += _num_images(batch)
-            if writer is not None:
-                for k, v in logged.items():
-                    writer.add_scalar(f"train/{k}", v, global_step)
-                writer.add_scalar("train/lr", lr, global_step)
-            bar.set_postfix({**{k: f"{v:.4g}" for k, v in logged.items()},
-                             "img/s": f"{images / (time.perf_counter() - t0):.1f}"}, refresh=False)
-            bar.update(1)
-            if finished():
-                break
-            if global_step % ckpt_every == 0 and step_in_epoch < steps_per_epoch:
-                save()
-        bar.close()
-
-        # epoch end (or a max_steps stop): averages over all ranks, validation, checkpoint, log
-        names = sorted(sums)
-        totals = torch.tensor([sums[k] for k in names] + [float(images)], dtype=torch.float64, device=device)
-        if world_size > 1:
-            dist.all_reduce(totals)
-        record: dict[str, Any] = {
-            "epoch": epoch, "global_step": global_step, "steps": step_in_epoch,
-            "train": {k: float(v) / (step_in_epoch * world_size) for k, v in zip(names, totals[:-1].tolist())},
-            "images_per_s": float(totals[-1]) / max(time.perf_counter() - t0, 1e-9),
-            "seconds": time.perf_counter() - t0, "lr": lr}
-        if step_in_epoch >= steps_per_epoch:
-            epoch, step_in_epoch, sums = epoch + 1, 0, {}
-        if val_set is not None and ((step_in_epoch == 0 and epoch % val_every == 0) or finished()):
-            record["val"] = _validate(task, val_set, batch_size, collate_fn, num_workers, device, main, world_size)
-        history.append(record)
-        save()
-        if writer is not None:
-            writer.add_scalar("train/images_per_s", record["images_per_s"], global_step)
-            for k, v in record.get("val", {}).items():
-                writer.add_scalar(f"val/{k}", v, global_step)
-            writer.flush()
-            _write_log(out_dir / "log.jsonl", history)
-
-    if writer is not None:
-        writer.close()
+        state.restore(ckpt, ckpt_path, rank, device)
+    loop = _Loop(state, model, train_set, val_set, out_dir, run, optim, epochs, max_steps, batch_size, val_every,
+                ckpt_every, collate_fn, num_workers, seed, use_amp, progress, device, rank, world_size,
+                writer=_open_writer(out_dir) if rank == 0 else None)
+    while not loop.finished():
+        loop.end_epoch(*loop.train_epoch())
+    if loop.writer is not None:
+        loop.writer.close()
     if world_size > 1:
         dist.barrier()  # last.pt is complete before any rank moves on
-    return _summary(history, global_step)
+    return _summary(state.history, state.global_step)
 
 
 def _validate(task: nn.Module, val_set: Dataset, batch_size: int, collate_fn: Callable | None, num_workers: int,

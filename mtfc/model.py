@@ -7,10 +7,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from mtfc.checkpoint import HEAD, CheckpointError, load_checkpoint, save_checkpoint
 from mtfc.codec import Codec
 from mtfc.head import HEADS, Head, Targets
-
-HEAD_FORMAT = "mtfc-head"
 
 
 class MultiTaskModel(nn.Module):
@@ -76,11 +75,9 @@ class MultiTaskModel(nn.Module):
 
 def save_head(head: Head, path: str | Path, codec_fingerprint: str | None, **meta: Any) -> Path:
     """Write a head checkpoint; ``codec_fingerprint`` is ``None`` for a reference head on pixels."""
-    from mtfc.engine import atomic_save
-
-    atomic_save({"format": HEAD_FORMAT, "spec": getattr(head, "_mtfc_spec", None), "task": head.task,
-                 "codec_fingerprint": codec_fingerprint, "meta": meta, "state_dict": head.state_dict()}, path)
-    return Path(path)
+    return save_checkpoint(path, HEAD, {"spec": getattr(head, "_mtfc_spec", None), "task": head.task,
+                                        "codec_fingerprint": codec_fingerprint, "meta": meta,
+                                        "state_dict": head.state_dict()})
 
 
 def load_head(path: str | Path, codec_fingerprint: str | None = None, head: Head | None = None) -> Head:
@@ -88,21 +85,17 @@ def load_head(path: str | Path, codec_fingerprint: str | None = None, head: Head
     ckpt = read_head_checkpoint(path)
     if ckpt["codec_fingerprint"] != codec_fingerprint:
         trained = ckpt["codec_fingerprint"] or "uncompressed pixels (a reference head)"
-        raise ValueError(f"{path} was trained on codec {trained}, not on "
-                         f"{codec_fingerprint or 'uncompressed pixels'}; retrain the head on this codec")
+        raise CheckpointError(f"{path} was trained on codec {trained}, not on "
+                              f"{codec_fingerprint or 'uncompressed pixels'}; retrain the head on this codec")
     if head is None:
         if not ckpt["spec"]:
-            raise ValueError(f"{path} holds a head built outside the registry: pass `head=` to load it into")
+            raise CheckpointError(f"{path} holds a head built outside the registry: pass `head=` to load it into")
         head = HEADS.rebuild(ckpt["spec"])
     head.load_state_dict(ckpt["state_dict"])
     return head.eval()
 
 
 def read_head_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A head checkpoint's contents; errors name the file (missing, unreadable, not a head)."""
-    from mtfc.engine import load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    if ckpt.get("format") != HEAD_FORMAT:
-        raise ValueError(f"{path} is not an mtfc head checkpoint")
-    return ckpt
+    """A head checkpoint's contents; a :class:`~mtfc.checkpoint.CheckpointError` names the file
+    (missing, unreadable, not a head, too new)."""
+    return load_checkpoint(path, HEAD)

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torchvision import models
 
+from mtfc.checkpoint import TEACHER, CheckpointError, load_checkpoint, save_checkpoint
+
 #: Input normalisation of every teacher and codec (torchvision's ImageNet constants). The codec and
 #: the reference models call :func:`normalize`; nothing else touches pixel statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,13 +55,11 @@ def build_teacher(arch: str = "resnet18", num_classes: int = 1000, weights: str 
         return model
     path = Path(weights)
     if path.suffix in (".pt", ".pth") or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        state = ckpt.get("state_dict", ckpt)
-        if "arch" in ckpt and ckpt["arch"] != arch:
-            raise ValueError(f"{path} holds a {ckpt['arch']} teacher, the config asks for {arch}")
-        model.load_state_dict(state)
+        ckpt = load_checkpoint(path, TEACHER, plain_state_dict=True)
+        if ckpt.get("arch", arch) != arch:
+            raise CheckpointError(f"{path} holds a {ckpt['arch']} teacher, the config asks for {arch}: set "
+                                  f"teacher.arch to {ckpt['arch']} or pass a {arch} checkpoint")
+        model.load_state_dict(ckpt["state_dict"])
         return model
     if arch not in models.list_models():
         raise ValueError(f"torchvision has no pretrained weights for {arch}; pass a local checkpoint path or null")
@@ -83,10 +83,9 @@ def build_teacher(arch: str = "resnet18", num_classes: int = 1000, weights: str 
 
 
 def save_teacher(model: nn.Module, arch: str, path: str | Path, **meta) -> None:
-    """Write a teacher checkpoint that :func:`build_teacher` loads (``weights_only``-safe)."""
-    from mtfc.engine import atomic_save
-
-    atomic_save({"arch": arch, "num_classes": model.fc.out_features, "state_dict": model.state_dict(), **meta}, path)
+    """Write a teacher checkpoint that :func:`build_teacher` loads (see :mod:`mtfc.checkpoint`)."""
+    save_checkpoint(path, TEACHER, {"arch": arch, "num_classes": model.fc.out_features,
+                                    "state_dict": model.state_dict(), **meta})
 
 
 def stem(teacher: nn.Module) -> nn.Sequential:

@@ -188,7 +188,7 @@ class HeadTask(nn.Module):
 def _fit(task: nn.Module, train_set: Dataset, **kwargs: Any) -> dict[str, Any]:
     from mtfc.data import collate
 
-    return fit(task, train_set, **{"collate_fn": collate, "optim": task.optim, **kwargs})
+    return fit(task, train_set, **{"collate_fn": collate, **kwargs})  # the schedule: task.optim
 
 
 def train_teacher(train_set: Dataset, val_set: Dataset | None, *, arch: str, num_classes: int,

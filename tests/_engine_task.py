@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from mtfc.engine import atomic_save, fit
+from mtfc.checkpoint import atomic_save
+from mtfc.engine import fit
 
 # the settings shared by the reference run, the killed subprocess and the resumed runs
 FIT_KWARGS: dict[str, Any] = {"epochs": 2, "batch_size": 2, "ckpt_every": 3, "progress": False}

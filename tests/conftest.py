@@ -1,9 +1,15 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from mtfc.codec import Codec
+from mtfc.data import make_dataset
 
 torch.set_num_threads(1)  # pytest -n 2 runs two workers on the two cores
+
+#: The tiny bundled dataset the session shares (:func:`shapes_root`).
+SHAPES = {"image_size": 32, "num_classes": 3, "splits": {"train": 96, "val": 48}, "max_objects": 2, "seed": 0}
 
 
 def tiny_codec(kind: str = "factorized", seed: int = 0) -> Codec:
@@ -14,6 +20,19 @@ def tiny_codec(kind: str = "factorized", seed: int = 0) -> Codec:
     with torch.no_grad():
         codec.g_a[-1].weight.mul_(20)
     return codec.freeze()
+
+
+@pytest.fixture(scope="session")
+def frozen_codec() -> Codec:
+    """``tiny_codec()``, built once per session: frozen, so no test can change it (tests that train on
+    it check that it stays bit-identical)."""
+    return tiny_codec()
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    """The bundled dataset generated once per session with :data:`SHAPES`; read-only."""
+    return make_dataset(tmp_path_factory.mktemp("data") / "shapes", **SHAPES)
 
 
 @pytest.fixture(params=["factorized", "hyperprior"])

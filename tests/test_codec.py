@@ -100,17 +100,19 @@ def test_artifact_roundtrip_weights_only(codec, images, tmp_path):
 
 
 def test_artifact_errors(tmp_path, images):
-    with pytest.raises(FileNotFoundError, match="train-bottleneck"):
+    with pytest.raises(mtfc.CheckpointError, match=f"codec artifact {tmp_path / 'missing.pt'} does not exist; "
+                                                   "`mtfc train-bottleneck CONFIG`"):
         load_codec(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable codec"):
+    with pytest.raises(mtfc.CheckpointError, match=f"cannot read {tmp_path / 'junk.pt'}: truncated, corrupt"):
         load_codec(tmp_path / "junk.pt")
     codec = tiny_codec()
     path = save_codec(codec, tmp_path / "codec.pt")
     art = torch.load(path, weights_only=True)
     art["state_dict"]["g_a.0.weight"] += 1
     torch.save(art, tmp_path / "tampered.pt")
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(mtfc.CheckpointError, match=f"{tmp_path / 'tampered.pt'} is corrupt: its weights do not "
+                                                   f"match its fingerprint {codec.fingerprint}"):
         load_codec(tmp_path / "tampered.pt")
 
 

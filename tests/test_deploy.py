@@ -28,10 +28,10 @@ TOKEN = "s3cret"
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> dict:
-    """A tiny frozen codec and one tiny head per built-in task, saved as the pipeline saves them."""
+def artifacts(tmp_path_factory, frozen_codec) -> dict:
+    """The tiny frozen codec and one tiny head per built-in task, saved as the pipeline saves them."""
     root = tmp_path_factory.mktemp("deploy")
-    codec = tiny_codec()
+    codec = frozen_codec
     codec_path = save_codec(codec, root / "codec.pt")
     heads = {}
     for i, (task, kwargs) in enumerate(HEAD_KWARGS.items()):

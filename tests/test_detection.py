@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from conftest import tiny_codec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.meta_arch import GeneralizedRCNN
 from detectron2.modeling.proposal_generator import RPN
@@ -36,11 +35,6 @@ def val_set(root):
     return MultiTaskDataset(root, "val")
 
 
-@pytest.fixture(scope="module")
-def codec():
-    return tiny_codec()
-
-
 def head(latent_channels=8, seed=0, **kw):
     torch.manual_seed(seed)
     return HEADS.build("detection", latent_channels=latent_channels, num_classes=3, **{**SMALL, **kw})
@@ -50,7 +44,7 @@ def batch(dataset, n):
     return collate([dataset[i] for i in range(n)])
 
 
-def test_backbone_is_registered_and_reports_its_shapes(codec):
+def test_backbone_is_registered_and_reports_its_shapes(frozen_codec):
     det = head()
     assert det.cfg.MODEL.BACKBONE.NAME == "build_mtfc_latent_fpn_backbone"
     assert BACKBONE_REGISTRY.get("build_mtfc_latent_fpn_backbone") is build_mtfc_latent_fpn_backbone
@@ -62,7 +56,7 @@ def test_backbone_is_registered_and_reports_its_shapes(codec):
     assert {k: (v.channels, v.stride) for k, v in backbone.bottom_up.output_shape().items()} == {
         "layer1": (64, 4), "layer2": (128, 8), "layer3": (256, 16), "layer4": (512, 32)}
     assert backbone.size_divisibility == 32
-    latent = codec.quantize(torch.rand(2, 3, SIZE, 2 * SIZE))
+    latent = frozen_codec.quantize(torch.rand(2, 3, SIZE, 2 * SIZE))
     for feats, shapes in ((backbone.bottom_up(latent), backbone.bottom_up.output_shape()),
                           (backbone(latent), backbone.output_shape())):
         assert feats.keys() == shapes.keys()
@@ -83,12 +77,12 @@ def test_detectron2_config_overrides():
         head(overrides=["MODEL.NO_SUCH_KEY", 1])
 
 
-def test_head_contract(codec, train_set):
+def test_head_contract(frozen_codec, train_set):
     det = head()
     assert isinstance(det, DetectionHead)
     assert (det.task, det.metric, det.required_targets) == ("detection", "AP", ("boxes", "classes", "image_size"))
     images, targets = batch(train_set, 2)
-    latent = codec.quantize(images)
+    latent = frozen_codec.quantize(images)
     det.train()
     losses = det(latent, targets)
     assert set(losses) == LOSSES
@@ -106,23 +100,23 @@ def test_head_contract(codec, train_set):
         assert (box >= 0).all() and (box[:, 2:] <= SIZE).all()
 
 
-def test_bad_inputs_are_named(codec, train_set):
+def test_bad_inputs_are_named(frozen_codec, train_set):
     det = head()
     images, targets = batch(train_set, 2)
     with pytest.raises(ValueError, match="multiples of 32"):
-        det(codec.quantize(images[..., :48, :]), None)
+        det(frozen_codec.quantize(images[..., :48, :]), None)
     with pytest.raises(ValueError, match=r"\(B, 8, h, w\) latent"):
         det(images, targets)
     with pytest.raises(ValueError, match="lack"):
-        det(codec.quantize(images), [{k: v for k, v in t.items() if k != "classes"} for t in targets])
+        det(frozen_codec.quantize(images), [{k: v for k, v in t.items() if k != "classes"} for t in targets])
     with pytest.raises(ValueError, match="needs targets"):
-        det(codec.quantize(images))
+        det(frozen_codec.quantize(images))
 
 
-def test_training_reduces_the_loss(codec, train_set):
+def test_training_reduces_the_loss(frozen_codec, train_set):
     det = head()
     images, targets = batch(train_set, 2)
-    latent = codec.quantize(images)
+    latent = frozen_codec.quantize(images)
 
     def total_loss():
         torch.manual_seed(1)  # the same anchor / proposal sampling for both measurements
@@ -159,13 +153,13 @@ def test_evaluator_scores_ground_truth_perfectly(root, size):
     assert result["AP"] == pytest.approx(100.0) or size < SIZE
 
 
-def test_evaluator_on_head_predictions(codec, val_set):
+def test_evaluator_on_head_predictions(frozen_codec, val_set):
     det = head().eval()
     ev = det.build_evaluator(val_set)
     ev.reset()
     images, targets = batch(val_set, len(val_set))
     with torch.no_grad():
-        ev.process(targets, det(codec.quantize(images), targets))
+        ev.process(targets, det(frozen_codec.quantize(images), targets))
     result = ev.evaluate()
     assert all(0.0 <= result[k] <= 100.0 for k in AP_KEYS)
 
@@ -179,13 +173,13 @@ def test_evaluator_on_head_predictions(codec, val_set):
         det.build_evaluator([images[0]])
 
 
-def test_bitstream_path_equals_image_path(codec, val_set):
-    model = MultiTaskModel(codec)
+def test_bitstream_path_equals_image_path(frozen_codec, val_set):
+    model = MultiTaskModel(frozen_codec)
     model.attach("det", head())
     model.eval()
     images, _ = batch(val_set, 3)
     from_images = model(images)["det"]
-    from_streams = model(codec.encode(images))["det"]
+    from_streams = model(frozen_codec.encode(images))["det"]
     assert sum(len(p["instances"]) for p in from_images) > 0
     for a, b in zip(from_images, from_streams):
         a, b = a["instances"], b["instances"]
@@ -193,24 +187,24 @@ def test_bitstream_path_equals_image_path(codec, val_set):
         assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
 
 
-def test_train_head_leaves_the_frozen_codec_untouched(codec, train_set, val_set, tmp_path):
+def test_train_head_leaves_the_frozen_codec_untouched(frozen_codec, train_set, val_set, tmp_path):
     from mtfc.train import train_head
 
-    model = MultiTaskModel(codec)
+    model = MultiTaskModel(frozen_codec)
     model.attach("det", head())
     images, _ = batch(val_set, 2)
-    state = {k: v.clone() for k, v in codec.state_dict().items()}
-    streams = codec.encode(images)
+    state = {k: v.clone() for k, v in frozen_codec.state_dict().items()}
+    streams = frozen_codec.encode(images)
     det_before = {k: v.clone() for k, v in model.heads["det"].state_dict().items()}
     val_subset = torch.utils.data.Subset(val_set, range(4))  # the evaluator scores the images it saw
     history = train_head(model, "det", train_set, out_dir=tmp_path, epochs=1, batch_size=2, max_steps=1,
                          val_set=val_subset, progress=False)
     assert set(AP_KEYS) <= set(history["val"])
-    assert all(torch.equal(v, codec.state_dict()[k]) for k, v in state.items())
-    assert codec.encode(images) == streams
+    assert all(torch.equal(v, frozen_codec.state_dict()[k]) for k, v in state.items())
+    assert frozen_codec.encode(images) == streams
     assert any(not torch.equal(v, model.heads["det"].state_dict()[k]) for k, v in det_before.items())
 
-    reloaded = MultiTaskModel(codec)
+    reloaded = MultiTaskModel(frozen_codec)
     reloaded.load_head("det", tmp_path / "head.pt")
     model.eval(), reloaded.eval()
     for a, b in zip(model(images)["det"], reloaded(images)["det"]):
@@ -218,16 +212,16 @@ def test_train_head_leaves_the_frozen_codec_untouched(codec, train_set, val_set,
         assert torch.equal(a["instances"].scores, b["instances"].scores)
 
 
-def test_trunk_starts_from_teacher_and_codec(codec):
+def test_trunk_starts_from_teacher_and_codec(frozen_codec):
     from mtfc.teacher import build_teacher
 
     det, teacher = head(), build_teacher("resnet18", num_classes=3)
     det.init_from_teacher(teacher)
-    det.init_from_codec(codec)
+    det.init_from_codec(frozen_codec)
     trunk = det.detector.backbone.bottom_up.trunk
     assert torch.equal(trunk.layer3[0].conv1.weight, teacher.layer3[0].conv1.weight)
     assert all(torch.equal(a, b) for a, b in zip(trunk.decoder.state_dict().values(),
-                                                 codec.decoder.state_dict().values()))
+                                                 frozen_codec.decoder.state_dict().values()))
 
 
 def test_reference_detector_runs_on_images(train_set):

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtfc.engine import CheckpointError, atomic_save, fit, load_checkpoint, to_device
+from mtfc.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from mtfc.engine import fit, to_device
+from mtfc.optim import OptimSpec, lr_factor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _engine_task import FIT_KWARGS, N_TRAIN, NoisyDataset, TinyTask, collate  # noqa: E402
@@ -65,13 +67,14 @@ def test_reference_run_logs_and_checkpoint(reference):
     steps = N_TRAIN // FIT_KWARGS["batch_size"]
     for r in history["epochs"]:  # per-epoch means of what the task returned
         assert r["train"]["loss"] == pytest.approx(sum(task.losses[r["epoch"] * steps:][:steps]) / steps)
-        assert set(r["train"]) == {"loss", "aux_loss", "acc"} and 0 <= r["val"]["top1"] <= 1
+        assert set(r["train"]) == {"loss", "aux_loss", "acc"} and r["val"] == {"top1": 0.5} and r["lr"] == 0.01
     assert task.val_modes == [(False, False)] * 2 and task.training
     assert task.dtypes == {torch.float32}  # amp=True is plain fp32 on the CPU
     lines = (out / "log.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == history["epochs"]
     assert list((out / "tb").glob("events.out.tfevents.*"))
     ckpt = torch.load(out / "last.pt", weights_only=True)  # plain data only
+    assert (ckpt["format"], ckpt["version"]) == ("mtfc-train-state", 1)
     assert ckpt["done"] and ckpt["global_step"] == TOTAL_STEPS and ckpt["history"] == history["epochs"]
     assert_same_params(ckpt["task"], task.state_dict())
     assert not any(torch.equal(task.state_dict()[k], v) for k, v in TinyTask().state_dict().items())
@@ -156,10 +159,29 @@ def test_unreadable_checkpoints_are_named(tmp_path, reference):
     with pytest.raises(CheckpointError, match=str(tmp_path / "truncated" / "last.pt")):
         train(tmp_path / "truncated")
     atomic_save({"state_dict": {}}, tmp_path / "other" / "last.pt")
-    with pytest.raises(CheckpointError, match="not an mtfc training checkpoint"):
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'other' / 'last.pt'} is format None, not a training "
+                                              "checkpoint"):
         train(tmp_path / "other")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'missing.pt'} does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_the_task_chooses_its_schedule(tmp_path):
+    """``task.optim`` is the schedule when ``fit`` gets none; ``fit(optim=...)`` overrides it."""
+    spec = OptimSpec(schedule="cosine", warmup=0.0, final_lr=0.5)
+    task = TinyTask()
+    task.optim = spec
+    _, history = train(tmp_path / "task", task=task, val_set=None)
+    steps = N_TRAIN // FIT_KWARGS["batch_size"]
+    assert [r["lr"] for r in history["epochs"]] == [1e-2 * lr_factor(spec, s * steps - 1, TOTAL_STEPS) for s in (1, 2)]
+    assert json.loads((tmp_path / "task" / "log.jsonl").read_text().splitlines()[0])["lr"] == history["epochs"][0]["lr"]
+    task = TinyTask()
+    task.optim = spec
+    _, history = train(tmp_path / "override", task=task, val_set=None, optim=OptimSpec(schedule="constant"))
+    assert [r["lr"] for r in history["epochs"]] == [1e-2, 1e-2]
+    task.optim = {"lr": 1e-3}
+    with pytest.raises(TypeError, match="TinyTask.optim must be an mtfc.optim.OptimSpec, got dict"):
+        train(tmp_path / "bad", task=task)
 
 
 def test_resume_refuses_a_different_run(tmp_path):

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import mtfc
-from mtfc.codec import save_codec
-from mtfc.data import build_dataset, make_dataset
+from mtfc.data import build_dataset
 from mtfc.head import HEADS, Head
 from mtfc.model import MultiTaskModel, load_head
 from mtfc.optim import OptimSpec
@@ -17,12 +16,6 @@ from conftest import tiny_codec
 BUILTIN = {"classification": {}, "detection": {"image_size": 32}, "segmentation": {}}
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "shapes"
-    return make_dataset(root, image_size=32, num_classes=3, splits={"train": 96, "val": 48}, max_objects=2, seed=0)
-
-
 def _build(name: str, latent_channels: int | None, num_classes: int = 3) -> Head:
     """A tiny built-in head for the 3-class test dataset (segmentation adds background)."""
     num_classes += name == "segmentation"
@@ -31,11 +24,11 @@ def _build(name: str, latent_channels: int | None, num_classes: int = 3) -> Head
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
-def test_every_builtin_head_honours_the_contract(name, data_root):
-    codec = tiny_codec()
+def test_every_builtin_head_honours_the_contract(name, shapes_root, frozen_codec):
+    codec = frozen_codec
     head = _build(name, codec.latent_channels)
     assert isinstance(head, Head) and head.task and head.metric and head.required_targets
-    val = build_dataset({"type": "bundled", "root": str(data_root)}, "val")
+    val = build_dataset({"type": "bundled", "root": str(shapes_root)}, "val")
     images, targets = mtfc.data.collate([val[i] for i in range(2)])
     assert all(k in targets[0] for k in head.required_targets)
     latent = codec.quantize(images)
@@ -67,8 +60,8 @@ def test_one_decode_feeds_every_head(images, monkeypatch):
         assert all(torch.equal(p, q) for p, q in zip(out[name], from_images[name]))
 
 
-def test_attach_detach_errors():
-    codec = tiny_codec()
+def test_attach_detach_errors(frozen_codec):
+    codec = frozen_codec
     model = MultiTaskModel(codec)
     head = model.attach("cls", _build("classification", codec.latent_channels))
     with pytest.raises(KeyError, match="already attached"):
@@ -84,26 +77,28 @@ def test_attach_detach_errors():
         HEADS.build("no-such-head")
 
 
-def test_head_checkpoint_records_the_codec(tmp_path, images):
-    a, b = tiny_codec(seed=0), tiny_codec(seed=1)
+def test_head_checkpoint_records_the_codec(tmp_path, images, frozen_codec):
+    a, b = frozen_codec, tiny_codec(seed=1)
     model = MultiTaskModel(a)
     model.attach("cls", _build("classification", a.latent_channels)).eval()
     path = model.save_head("cls", tmp_path / "cls.pt")
     assert torch.load(path, weights_only=True)["codec_fingerprint"] == a.fingerprint
-    with pytest.raises(ValueError, match="retrain the head"):
+    with pytest.raises(mtfc.CheckpointError, match=f"{path} was trained on codec {a.fingerprint}, not on "
+                                                   f"{b.fingerprint}; retrain the head"):
         MultiTaskModel(b).load_head("cls", path)
     again = MultiTaskModel(a)
     again.load_head("cls", path).eval()
     assert torch.equal(torch.stack(again(images)["cls"]), torch.stack(model(images)["cls"]))
-    with pytest.raises(ValueError, match="uncompressed pixels"):
+    with pytest.raises(mtfc.CheckpointError, match="not on uncompressed pixels"):
         load_head(path, None)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(mtfc.CheckpointError, match=f"head checkpoint {tmp_path / 'missing.pt'} does not exist; "
+                                                   "`mtfc train-head CONFIG`"):
         load_head(tmp_path / "missing.pt", a.fingerprint)
 
 
-def test_training_a_head_leaves_the_codec_bit_identical(tmp_path, data_root):
+def test_training_a_head_leaves_the_codec_bit_identical(tmp_path, shapes_root, frozen_codec):
     codec = tiny_codec()
-    train = build_dataset({"type": "bundled", "root": str(data_root)}, "train", train=True)
+    train = build_dataset({"type": "bundled", "root": str(shapes_root)}, "train", train=True)
     image = train[0][0][None]
     before_state = {k: v.clone() for k, v in codec.state_dict().items()}
     before_bytes = codec.encode(image)
@@ -112,16 +107,16 @@ def test_training_a_head_leaves_the_codec_bit_identical(tmp_path, data_root):
     train_head(model, "cls", train, out_dir=tmp_path / "h", epochs=1, batch_size=32, progress=False)
     after = codec.state_dict()
     assert before_state.keys() == after.keys() and all(torch.equal(before_state[k], after[k]) for k in after)
-    assert codec.encode(image) == before_bytes and codec.fingerprint == tiny_codec().fingerprint
+    assert codec.encode(image) == before_bytes and codec.fingerprint == frozen_codec.fingerprint
 
 
-def test_classification_fine_tune_learns_from_the_latent(tmp_path, data_root):
+def test_classification_fine_tune_learns_from_the_latent(tmp_path, shapes_root, frozen_codec):
     """A short fine-tune on the frozen codec's latent fits its images well above chance: the latent
     carries the class through the entropy bottleneck, and head + engine learn from it. (Generalisation
     needs a trained teacher and codec: the demo measures it.)"""
     torch.manual_seed(0)
-    codec = tiny_codec()
-    images = torch.utils.data.Subset(build_dataset({"type": "bundled", "root": str(data_root)}, "train"), range(32))
+    codec = frozen_codec
+    images = torch.utils.data.Subset(build_dataset({"type": "bundled", "root": str(shapes_root)}, "train"), range(32))
     head = HEADS.build("classification", latent_channels=codec.latent_channels, num_classes=3, hidden_channels=16)
     history = fit_head(head, images, codec=codec, val_set=images, val_every=100, out_dir=tmp_path / "cls",
                        epochs=15, batch_size=32, optim=OptimSpec(lr=3e-3, schedule="constant"), progress=False)

@@ -113,10 +113,9 @@ def test_bad_input_is_refused(train_set):
 
 # ------------------------------------------------------------------------------------------ training
 @pytest.mark.parametrize("decode_head", ["fcn", "aspp"])
-def test_training_reduces_the_loss(decode_head, train_set):
-    codec = tiny_codec()
+def test_training_reduces_the_loss(decode_head, train_set, frozen_codec):
     images, targets = batch(train_set, 4)
-    latent = codec.quantize(images)
+    latent = frozen_codec.quantize(images)
     torch.manual_seed(0)
     head = SegmentationHead(**{**TINY, "decode_head": decode_head}).train()
     opt = torch.optim.Adam(head.parameters(), lr=3e-3)
@@ -130,28 +129,27 @@ def test_training_reduces_the_loss(decode_head, train_set):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_train_head_leaves_the_frozen_codec_untouched(train_set, val_set, tmp_path):
-    codec = tiny_codec()
+def test_train_head_leaves_the_frozen_codec_untouched(train_set, val_set, tmp_path, frozen_codec):
     images, _ = batch(val_set, 2)
-    state = {k: v.clone() for k, v in codec.state_dict().items()}
-    streams = codec.encode(images)
-    model = MultiTaskModel(codec)
+    state = {k: v.clone() for k, v in frozen_codec.state_dict().items()}
+    streams = frozen_codec.encode(images)
+    model = MultiTaskModel(frozen_codec)
     torch.manual_seed(0)
     head = model.attach("seg", HEADS.build("segmentation", **TINY))
-    head.init_from_codec(codec)
+    head.init_from_codec(frozen_codec)
     assert all(torch.equal(a, b) for a, b in zip(head.backbone.decoder.state_dict().values(),
-                                                 codec.decoder.state_dict().values()))
+                                                 frozen_codec.decoder.state_dict().values()))
     before = {k: v.clone() for k, v in head.state_dict().items()}
     history = train_head(model, "seg", train_set, out_dir=tmp_path, val_set=val_set, epochs=1, batch_size=4,
                          collate_fn=collate, progress=False)
     assert 0.0 <= history["val"]["mIoU"] <= 100.0
-    assert codec.state_dict().keys() == state.keys()
-    assert all(torch.equal(codec.state_dict()[k], v) for k, v in state.items())
-    assert codec.encode(images) == streams
+    assert frozen_codec.state_dict().keys() == state.keys()
+    assert all(torch.equal(frozen_codec.state_dict()[k], v) for k, v in state.items())
+    assert frozen_codec.encode(images) == streams
     assert any(not torch.equal(head.state_dict()[k], v) for k, v in before.items() if v.is_floating_point())
 
     head.eval()
-    again = MultiTaskModel(codec)
+    again = MultiTaskModel(frozen_codec)
     again.load_head("seg", tmp_path / "head.pt").eval()        # rebuilt from the registry spec
     assert all(torch.equal(a, b) for a, b in zip(model(streams)["seg"], again(streams)["seg"]))
 
@@ -185,15 +183,14 @@ def test_reference_segmenter_runs_on_images(train_set):
 
 
 # ------------------------------------------------------------------------------------------ IoUMetric
-def test_iou_metric_on_the_bundled_val_split(val_set):
+def test_iou_metric_on_the_bundled_val_split(val_set, frozen_codec):
     head = SegmentationHead(**TINY).eval()
-    codec = tiny_codec()
     evaluator = head.build_evaluator(val_set)
     classes = ("background", *val_set.class_names)
     gts = []
     for i in range(0, len(val_set), 4):
         images, targets = batch(torch.utils.data.Subset(val_set, range(i, i + 4)), 4)
-        evaluator.process(targets, head(codec.quantize(images), targets))
+        evaluator.process(targets, head(frozen_codec.quantize(images), targets))
         gts += [t["sem_seg"] for t in targets]
     result = evaluator.evaluate()
     assert {"mIoU", "aAcc"} <= set(result) and set(result) >= {f"IoU.{c}" for c in classes}

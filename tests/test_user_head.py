@@ -9,7 +9,6 @@ import yaml
 
 from mtfc.cli import main
 from mtfc.codec import save_codec
-from mtfc.data import make_dataset
 
 from conftest import tiny_codec
 
@@ -21,11 +20,12 @@ def example(name: str, lang: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """A directory holding the README's ``my_heads.py`` (importable) and the bundled dataset."""
+def workdir(tmp_path_factory, shapes_root) -> Path:
+    """A directory holding the README's ``my_heads.py`` (importable) and the session's bundled dataset."""
     root = tmp_path_factory.mktemp("user")
     (root / "my_heads.py").write_text(example("user-head-module", "python"))
-    make_dataset(root / "runs/demo/data", image_size=32, num_classes=3, splits={"train": 64, "val": 32}, max_objects=2)
+    (root / "runs/demo").mkdir(parents=True)
+    (root / "runs/demo/data").symlink_to(shapes_root)
     sys.path.insert(0, str(root))
     yield root
     sys.path.remove(str(root))
