@@ -70,3 +70,33 @@ def benchmark(codec: Codec, images: torch.Tensor, size: int = 224, threads: int 
                 "rate": rate_overhead(codec, images), "latency_size": size, "latency": latency(codec, big, repeats)}
     finally:
         torch.set_num_threads(previous)
+
+
+def encoder_complexity(g_a: torch.nn.Module, size: int = 224) -> dict[str, float]:
+    """Parameters of a device encoder and its MACs per input pixel at ``size``×``size``.
+
+    Counted with forward hooks: a conv costs out·in/groups·k² MACs per output position (biases not
+    counted), a GDN over C channels C·(C+1) (its 1×1 conv on x², then x · norm) — the convention of
+    :func:`mtfc.deploy.export.encoder_complexity`.
+    """
+    from compressai.layers import GDN
+
+    macs = 0
+
+    def count(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal macs
+        positions = output.shape[0] * output.shape[2] * output.shape[3]
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            macs += positions * module.out_channels * module.in_channels // module.groups * k
+        elif isinstance(module, GDN):
+            macs += positions * output.shape[1] * (output.shape[1] + 1)
+
+    hooks = [m.register_forward_hook(count) for m in g_a.modules() if isinstance(m, (torch.nn.Conv2d, GDN))]
+    try:
+        with torch.no_grad():
+            g_a(torch.zeros(1, 3, size, size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"params": sum(p.numel() for p in g_a.parameters()), "kmac_per_pixel": macs / (size * size) / 1000}
