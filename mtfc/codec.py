@@ -243,18 +243,30 @@ class Codec(CompressionModel):
         return torch.cat([self.latent_codec.compress(y[i : i + 1])["y_hat"] for i in range(len(y))])
 
     @torch.no_grad()
+    def compress_latent(self, y: torch.Tensor) -> list[bytes]:
+        """The entropy-coded payloads of one image's latent ``y`` (1, C, h, w), as :meth:`encode` packs them.
+
+        Byte-identical to ``[s[0] for s in latent_codec.compress(y)["strings"]]`` without what the
+        device does not need: CompressAI's latent codecs also decode ``y`` again to return ``y_hat``,
+        which costs about as much as coding it (the hyperprior's ``z`` is still decoded: it gives
+        ``y``'s prior).
+        """
+        if self.kind == "factorized":
+            return self.latent_codec.entropy_bottleneck.compress(y)
+        codecs = self.latent_codec.latent_codec
+        hyper, gc = codecs["hyper"].compress(y), codecs["y"]
+        scales, means = gc._chunk(gc.entropy_parameters(hyper["params"]))
+        y_strings = gc.gaussian_conditional.compress(y, gc.gaussian_conditional.build_indexes(scales), means)
+        return [y_strings[0], hyper["strings"][0][0]]
+
+    @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[bytes]:
         """One self-describing bitstream per image (see :mod:`mtfc.bitstream`)."""
         fp = bytes.fromhex(self.fingerprint)
         self._check_images(images)
         y = self.g_a(normalize(images))
-        H, W = images.shape[-2:]
-        streams = []
-        for i in range(len(y)):
-            out = self.latent_codec.compress(y[i : i + 1])
-            header = bitstream.Header(fp[: bitstream.FINGERPRINT_BYTES], (H, W), tuple(y.shape[1:]))
-            streams.append(bitstream.pack(header, [s[0] for s in out["strings"]]))
-        return streams
+        header = bitstream.Header(fp[: bitstream.FINGERPRINT_BYTES], tuple(images.shape[-2:]), tuple(y.shape[1:]))
+        return [bitstream.pack(header, self.compress_latent(y[i : i + 1])) for i in range(len(y))]
 
     @torch.no_grad()
     def decode(self, streams: list[bytes]) -> torch.Tensor:

@@ -133,3 +133,10 @@ def test_an_unknown_encoder_is_a_clear_error():
         Codec(encoder="resnet")
     with pytest.raises(ValueError, match="unknown codec encoder 'ES'"):
         Codec.from_config({**LEGACY, "encoder": "ES"})
+
+
+@pytest.mark.parametrize("kind", ["factorized", "hyperprior"])
+def test_compress_latent_is_compressais_payload_without_the_decode(kind):
+    codec = small_codec("light", kind)
+    y = codec.g_a(torch.rand(1, 3, 32, 32))
+    assert codec.compress_latent(y) == [s[0] for s in codec.latent_codec.compress(y)["strings"]]
