@@ -140,3 +140,15 @@ def test_compress_latent_is_compressais_payload_without_the_decode(kind):
     codec = small_codec("light", kind)
     y = codec.g_a(torch.rand(1, 3, 32, 32))
     assert codec.compress_latent(y) == [s[0] for s in codec.latent_codec.compress(y)["strings"]]
+
+
+def test_the_encoder_table_has_every_variant_and_the_trained_codec():
+    from mtfc.benchmark import encoder_table, format_encoder_table
+
+    trained = small_codec("es")
+    rows = encoder_table({"beta 1": trained}, torch.rand(2, 3, 16, 16), sizes=(16,), repeats=1)
+    assert [(r["encoder"], r["weights"]) for r in rows] == [
+        *((name, "untrained, calibrated") for name in ENCODERS), ("es", "trained (beta 1)")]
+    assert [r["params"] for r in rows] == [*(PARAMS[name] for name in ENCODERS), PARAMS["es"]]
+    assert all(set(r["ms"]["16"]) == {"network", "entropy", "encode"} for r in rows)
+    assert "| lightdw | untrained, calibrated | 4/8 | 832 |" in format_encoder_table(rows)
