@@ -1,6 +1,7 @@
 """Codec benchmark: real bytes against the entropy model's estimate, and where encode/decode time goes."""
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mtfc import bitstream
-from mtfc.codec import Codec
+from mtfc.codec import ENCODERS, Codec
 from mtfc.teacher import normalize
 
 
@@ -48,15 +49,23 @@ def rate_overhead(codec: Codec, images: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def latency(codec: Codec, image: torch.Tensor, repeats: int = 20) -> dict[str, float]:
-    """Median milliseconds at batch 1, split into network (encoder / decoder convs) and entropy coding."""
+    """Median milliseconds at batch 1, split into network (encoder / decoder convs) and entropy coding.
+
+    ``encode_entropy_ms`` is :meth:`Codec.compress_latent` (what :meth:`Codec.encode` runs; before it,
+    this measured CompressAI's ``compress``, which also decodes the latent again); ``encode_ms`` is
+    the whole :meth:`Codec.encode` (+ input checks and bitstream packing), timed on its own.
+    """
     codec.eval()
     y_ms, y = _median_ms(lambda: codec.g_a(normalize(image)), repeats)
-    c_ms, comp = _median_ms(lambda: codec.latent_codec.compress(y), repeats)
+    c_ms, _ = _median_ms(lambda: codec.compress_latent(y), repeats)
+    comp = codec.latent_codec.compress(y)
     shape = comp["shape"]
     d_ms, dec = _median_ms(lambda: codec.latent_codec.decompress(comp["strings"], shape), repeats)
     n_ms, _ = _median_ms(lambda: codec.decoder(dec["y_hat"]), repeats)
+    e_ms, _ = _median_ms(lambda: codec.encode(image), repeats)
     return {"encode_network_ms": y_ms, "encode_entropy_ms": c_ms, "decode_entropy_ms": d_ms,
-            "decode_network_ms": n_ms, "encode_total_ms": y_ms + c_ms, "decode_total_ms": d_ms + n_ms}
+            "decode_network_ms": n_ms, "encode_total_ms": y_ms + c_ms, "decode_total_ms": d_ms + n_ms,
+            "encode_ms": e_ms}
 
 
 def benchmark(codec: Codec, images: torch.Tensor, size: int = 224, threads: int = 1, repeats: int = 20) -> dict[str, Any]:
@@ -70,3 +79,157 @@ def benchmark(codec: Codec, images: torch.Tensor, size: int = 224, threads: int 
                 "rate": rate_overhead(codec, images), "latency_size": size, "latency": latency(codec, big, repeats)}
     finally:
         torch.set_num_threads(previous)
+
+
+def encoder_complexity(g_a: torch.nn.Module, size: int = 224) -> dict[str, float]:
+    """Parameters of a device encoder and its MACs per input pixel at ``size``×``size``.
+
+    Counted with forward hooks: a conv costs out·in/groups·k² MACs per output position (biases not
+    counted), a GDN over C channels C·(C+1) (its 1×1 conv on x², then x · norm) — the convention of
+    :func:`mtfc.deploy.export.encoder_complexity`.
+    """
+    from compressai.layers import GDN
+
+    macs = 0
+
+    def count(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal macs
+        positions = output.shape[0] * output.shape[2] * output.shape[3]
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            macs += positions * module.out_channels * module.in_channels // module.groups * k
+        elif isinstance(module, GDN):
+            macs += positions * output.shape[1] * (output.shape[1] + 1)
+
+    hooks = [m.register_forward_hook(count) for m in g_a.modules() if isinstance(m, (torch.nn.Conv2d, GDN))]
+    try:
+        with torch.no_grad():
+            g_a(torch.zeros(1, 3, size, size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"params": sum(p.numel() for p in g_a.parameters()), "kmac_per_pixel": macs / (size * size) / 1000}
+
+
+def calibrate(encoder: torch.nn.Module, entropy_bottleneck: torch.nn.Module, inputs: torch.Tensor,
+              latent_std: float = 1.0, steps: int = 100, lr: float = 0.01) -> None:
+    """Make an untrained encoder + ``EntropyBottleneck`` code like a trained pair, for timing only.
+
+    Untrained, the latent is near 0 and the CDFs are the initial ones, so entropy coding codes
+    zeros — faster than any trained codec, and by an amount that differs between encoders. This
+    scales the encoder's last conv so that its latent on ``inputs`` has standard deviation
+    ``latent_std``, fits the entropy bottleneck to that latent for ``steps`` Adam steps (rate +
+    quantile loss), then builds its CDF tables (``update``). Applied identically to every encoder
+    compared, it makes their entropy-coding times comparable. ``entropy_bottleneck=None`` (a
+    hyperprior codec): the latent is only scaled.
+    """
+    last = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        scale = latent_std / float(encoder(inputs).std())
+        last.weight.mul_(scale)
+        if last.bias is not None:
+            last.bias.mul_(scale)
+        y = encoder(inputs)
+    if entropy_bottleneck is None:
+        return
+    entropy_bottleneck.train()
+    opt = torch.optim.Adam(entropy_bottleneck.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            _, likelihoods = entropy_bottleneck(y)
+            loss = -torch.log2(likelihoods).mean() + entropy_bottleneck.loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    entropy_bottleneck.update(force=True)
+    entropy_bottleneck.eval()
+
+
+def interleaved_medians(fns: dict[Any, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[Any, float]:
+    """Median ms of each ``fn``, the functions taking turns (the order rotates every repeat), so that
+    a change of machine load during the run falls on all of them alike."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times: dict[Any, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(1000 * (time.perf_counter() - t0))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def untrained_variant(encoder: str, like: Codec, calibration: torch.Tensor, seed: int = 0,
+                      latent_std: float = 1.0) -> Codec:
+    """A frozen, untrained codec with ``encoder`` at ``like``'s sizes, calibrated (:func:`calibrate`)."""
+    torch.manual_seed(seed)
+    cfg = {**like.config, "encoder": encoder}
+    codec = Codec.from_config(cfg)
+    eb = codec.latent_codec.entropy_bottleneck if codec.kind == "factorized" else None
+    calibrate(codec.g_a, eb, normalize(calibration), latent_std=latent_std)
+    return codec.freeze()
+
+
+@torch.no_grad()
+def encoder_table(codecs: dict[str, Codec], images: torch.Tensor, sizes: tuple[int, ...] = (224, 64),
+                  threads: int = 1, repeats: int = 20, latent_std: float = 1.0) -> list[dict[str, Any]]:
+    """Every encoder variant at the sizes of ``codecs`` (untrained, calibrated) and each trained codec.
+
+    One row per encoder: ``g_a``'s parameters, kMAC per input pixel (at 224×224), and per size the
+    median ms (batch 1, ``threads`` threads, all rows interleaved) of the network (normalize +
+    ``g_a``), of entropy coding (:meth:`Codec.compress_latent`) and of the whole
+    :meth:`Codec.encode` (+ input checks and bitstream packing). The image is ``images[0]`` resized.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows: list[dict[str, Any]] = []
+        configs = {json.dumps({k: v for k, v in c.config.items() if k != "encoder"}, sort_keys=True): c
+                   for c in codecs.values()}
+        calibration = F.interpolate(images[:4], size=(64, 64), mode="bilinear", align_corners=False).clamp(0, 1)
+        models: list[tuple[dict[str, Any], Codec]] = []
+        for like in configs.values():
+            for name in ENCODERS:
+                models.append(({"encoder": name, "weights": "untrained, calibrated", **_sizes(like)},
+                               untrained_variant(name, like, calibration, latent_std=latent_std)))
+        for label, codec in codecs.items():
+            models.append(({"encoder": codec.encoder, "weights": f"trained ({label})", **_sizes(codec)}, codec))
+        for row, codec in models:
+            rows.append({**row, **{k: v for k, v in encoder_complexity(codec.g_a).items()}, "ms": {}})
+        for size in sizes:
+            image = F.interpolate(images[:1], size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+            fns: dict[Any, Callable[[], Any]] = {}
+            for i, (_, codec) in enumerate(models):
+                codec.eval()
+                y = codec.g_a(normalize(image))
+                fns[i, "network"] = lambda c=codec: c.g_a(normalize(image))
+                fns[i, "entropy"] = lambda c=codec, y=y: c.compress_latent(y)
+                fns[i, "encode"] = lambda c=codec: c.encode(image)
+            ms = interleaved_medians(fns, repeats)
+            for i, row in enumerate(rows):
+                row["ms"][str(size)] = {part: ms[i, part] for part in ("network", "entropy", "encode")}
+        return rows
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _sizes(codec: Codec) -> dict[str, Any]:
+    return {"kind": codec.kind, "latent_channels": codec.latent_channels, "hidden_channels": codec.config["hidden_channels"]}
+
+
+def format_encoder_table(rows: list[dict[str, Any]], threads: int = 1) -> str:
+    """The rows of :func:`encoder_table` as a Markdown table."""
+    sizes = list(rows[0]["ms"]) if rows else []
+    head = "| encoder | weights | latent/hidden | params | kMAC/px |" + "".join(
+        f" {s}² net | {s}² entropy | {s}² encode |" for s in sizes)
+    lines = [f"Encoders (ms: median, batch 1, {threads} thread(s); network = normalize + g_a, entropy = "
+             "Codec.compress_latent, encode = the whole Codec.encode)", head,
+             "|" + "---|" * (5 + 3 * len(sizes))]
+    for r in rows:
+        cells = "".join(f" {r['ms'][s]['network']:.2f} | {r['ms'][s]['entropy']:.2f} | {r['ms'][s]['encode']:.2f} |"
+                        for s in sizes)
+        lines.append(f"| {r['encoder']} | {r['weights']} | {r['latent_channels']}/{r['hidden_channels']} | "
+                     f"{r['params']:,} | {r['kmac_per_pixel']:.2f} |{cells}")
+    return "\n".join(lines)

@@ -120,32 +120,46 @@ def _benchmark_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=100, help="validation images for the rate measurement")
     parser.add_argument("--size", type=int, default=224, help="image side for the latency measurement")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for the latency measurement")
+    parser.add_argument("--repeats", type=int, default=20, help="timed repeats per measurement (medians)")
+    parser.add_argument("--encoder-sizes", type=int, nargs="*", default=[224, 64], metavar="SIZE",
+                        help="image sides of the encoder table (every encoder variant and each trained codec; "
+                             "none: skip the table)")
 
 
-@command("benchmark-codec", "actual bytes vs estimated bits, and encode/decode latency split by part")(_benchmark_options)
+@command("benchmark-codec", "actual bytes vs estimated bits, encode/decode latency split by part, and the "
+                            "encoder variants' size and encode time")(_benchmark_options)
 def _benchmark_codec(args: argparse.Namespace) -> int:
     import json
 
     import torch
 
-    from mtfc.benchmark import benchmark
+    from mtfc.benchmark import benchmark, encoder_table, format_encoder_table
     from mtfc.codec import load_codec
 
     p = _pipeline(args)
     val = p.dataset(p.cfg.bottleneck, "val", train=False)
     images = torch.stack([val[i][0] for i in range(min(args.images, len(val)))])
-    results = {f"{beta:g}": benchmark(load_codec(path), images, args.size, args.threads)
-               for beta, path in p.train_bottlenecks().items()}
+    codecs = {f"{beta:g}": load_codec(path) for beta, path in p.train_bottlenecks().items()}
+    results = {beta: benchmark(codec, images, args.size, args.threads, args.repeats) for beta, codec in codecs.items()}
     out = p.out / "benchmark_codec.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"{'beta':>6} {'bpp':>7} {'payload/est':>11} {'stream/est':>10} {'hdr B':>6} "
-          f"{'enc net':>8} {'enc ec':>7} {'dec ec':>7} {'dec net':>8}  (ms at {args.size}x{args.size}, {args.threads} thread)")
+          f"{'enc net':>8} {'enc ec':>7} {'encode':>7} {'dec ec':>7} {'dec net':>8}  "
+          f"(ms at {args.size}x{args.size}, {args.threads} thread)")
     for beta, r in results.items():
         rate, lat = r["rate"], r["latency"]
         print(f"{beta:>6} {rate['bpp']:7.4f} {rate['payload/estimate']:11.4f} {rate['stream/estimate']:10.4f} "
               f"{rate['header_bytes_mean']:6.1f} {lat['encode_network_ms']:8.2f} {lat['encode_entropy_ms']:7.2f} "
-              f"{lat['decode_entropy_ms']:7.2f} {lat['decode_network_ms']:8.2f}")
+              f"{lat['encode_ms']:7.2f} {lat['decode_entropy_ms']:7.2f} {lat['decode_network_ms']:8.2f}")
     print(f"written to {out}")
+    if args.encoder_sizes:
+        rows = encoder_table({f"beta {beta}": c for beta, c in codecs.items()}, images, tuple(args.encoder_sizes),
+                             args.threads, args.repeats)
+        out = p.out / "benchmark_encoders.json"
+        out.write_text(json.dumps({"machine": results[next(iter(results))]["machine"] if results else None,
+                                   "rows": rows}, indent=2))
+        print(format_encoder_table(rows, args.threads))
+        print(f"written to {out}")
     return 0
 
 

@@ -1,9 +1,10 @@
-"""The shared codec: Entropic-Student encoder + CompressAI entropy model + distillation decoder.
+"""The shared codec: device encoder + CompressAI entropy model + distillation decoder.
 
 Matsubara et al., "Supervised Compression for Resource-Constrained Edge Computing Systems"
 (WACV 2022): a small encoder ``g_a`` (strided convolutions + GDN) turns the image into a latent at
 stride 4, a learned prior entropy-codes it, and a decoder (convolutions + inverse GDN) maps the
-quantized latent to the teacher's ``layer1`` features. After stage-1 training the codec is frozen
+quantized latent to the teacher's ``layer1`` features. The encoder is one of :data:`ENCODERS`
+(``encoder`` in the codec config; default ``"light"``, see :func:`build_encoder`). After stage-1 training the codec is frozen
 (:meth:`Codec.freeze`) and saved as a standalone artifact; heads then train on its hard-quantized
 latent, which is bit-for-bit what :meth:`Codec.decode` returns on the server.
 """
@@ -28,6 +29,67 @@ from mtfc.checkpoint import CODEC, CheckpointError, load_checkpoint, save_checkp
 from mtfc.teacher import normalize
 
 KINDS = ("factorized", "hyperprior")
+DEFAULT_ENCODER = "light"
+LEGACY_ENCODER = "es"  # what a config without the ``encoder`` key (every artifact before it existed) means
+
+
+def _es(N: int, C: int) -> nn.Sequential:
+    """``es`` — the Entropic Student encoder (Matsubara et al., WACV 2022; Ballé et al.'s g_a shape).
+
+    conv5×5/2 3→N, GDN(N), conv5×5/2 N→N, GDN(N), conv3×3/1 N→C. mtfc's encoder before the choice
+    existed. Its cost is in the second strided conv (25·N² MACs per stride-4 position) and in the
+    first stage, which runs at stride 2 on four times as many positions.
+    (sc2bench's ResNet variant is narrower after the first layer — N→N/2 — has no biases and ends
+    with a 2×2 conv without padding, so its latent is 55×55 at 224×224; mtfc's is H/4×W/4.)
+    """
+    return nn.Sequential(conv(3, N, 5, 2), GDN(N), conv(N, N, 5, 2), GDN(N), conv(N, C, 3, 1))
+
+
+def _light(N: int, C: int) -> nn.Sequential:
+    """``light`` (the default) — ``es`` with the stride-2 stage at half width.
+
+    conv5×5/2 3→N/2, GDN(N/2), conv5×5/2 N/2→N, GDN(N), conv3×3/1 N→C. Same depth, kernels,
+    receptive field (21 px), stride-4 width N and latent shape as ``es``; only the first stage —
+    the one that runs on 4× the positions, and whose GDN (N² MACs per position) outweighs its conv
+    (75·N) once N > 75 — is halved, which also halves the second conv's input. About half of ``es``'s MACs and time
+    (the device side of SC2's trade-off: Matsubara et al., TMLR 2023).
+    """
+    M = max(1, N // 2)
+    return nn.Sequential(conv(3, M, 5, 2), GDN(M), conv(M, N, 5, 2), GDN(N), conv(N, C, 3, 1))
+
+
+def _light3(N: int, C: int) -> nn.Sequential:
+    """``light3`` — ``light`` with a 3×3 second strided conv (receptive field 17 px).
+
+    conv5×5/2 3→N/2, GDN(N/2), conv3×3/2 N/2→N, GDN(N), conv3×3/1 N→C.
+    """
+    M = max(1, N // 2)
+    return nn.Sequential(conv(3, M, 5, 2), GDN(M), conv(M, N, 3, 2), GDN(N), conv(N, C, 3, 1))
+
+
+def _lightdw(N: int, C: int) -> nn.Sequential:
+    """``lightdw`` — ``light`` with a depthwise-separable second strided conv (MobileNet, Howard et al. 2017).
+
+    conv5×5/2 3→N/2, GDN(N/2), depthwise conv5×5/2 on N/2, conv1×1 N/2→N, GDN(N), conv3×3/1 N→C:
+    the lightest variant (receptive field 21 px), at the cost of the cross-channel 5×5 mixing.
+    """
+    M = max(1, N // 2)
+    return nn.Sequential(conv(3, M, 5, 2), GDN(M), nn.Conv2d(M, M, 5, 2, 2, groups=M), nn.Conv2d(M, N, 1),
+                         GDN(N), conv(N, C, 3, 1))
+
+
+ENCODERS = {"light": _light, "es": _es, "light3": _light3, "lightdw": _lightdw}
+
+
+def build_encoder(name: str, hidden_channels: int, latent_channels: int) -> nn.Sequential:
+    """The device encoder ``g_a`` named ``name`` (one of :data:`ENCODERS`): image → latent at stride 4.
+
+    Every variant is strided convs + GDN from CompressAI, maps (3, H, W) to (latent_channels, H/4, W/4)
+    and ends with a conv (N→C, 3×3); the decoder (:class:`LatentDecoder`) is the same for all.
+    """
+    if name not in ENCODERS:
+        raise ValueError(f"unknown codec encoder {name!r}; choose from {tuple(ENCODERS)}")
+    return ENCODERS[name](hidden_channels, latent_channels)
 
 
 class LatentDecoder(nn.Sequential):
@@ -54,21 +116,29 @@ class Codec(CompressionModel):
         kind: ``"factorized"`` (EntropyBottleneck prior) or ``"hyperprior"`` (mean-scale Gaussian
             conditional with a hyper encoder/decoder), both composed from ``compressai.latent_codecs``.
         latent_channels: channels of the transmitted latent.
-        hidden_channels: width of the encoder and decoder.
+        hidden_channels: width of the encoder (at stride 4) and decoder.
         out_channels: channels of the teacher's ``layer1`` features the decoder imitates.
+        encoder: the device encoder, one of :data:`ENCODERS` (see :func:`build_encoder`).
+
+    ``config`` records ``encoder`` only when it is not ``"es"``: a config without the key is the
+    legacy ``"es"`` encoder, so every artifact written before the key existed keeps its config and
+    with it its fingerprint. Rebuild a codec from a config with :meth:`from_config` (which applies
+    that rule); ``Codec(**config)`` would give a legacy config the new default encoder.
     """
 
     latent_stride = 4
 
     def __init__(self, kind: str = "factorized", latent_channels: int = 24, hidden_channels: int = 96,
-                 out_channels: int = 64) -> None:
+                 out_channels: int = 64, encoder: str = DEFAULT_ENCODER) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown codec kind {kind!r}; choose from {KINDS}")
         self.config = dict(kind=kind, latent_channels=latent_channels, hidden_channels=hidden_channels,
                            out_channels=out_channels)
+        if encoder != LEGACY_ENCODER:
+            self.config["encoder"] = encoder
         N, C = hidden_channels, latent_channels
-        self.g_a = nn.Sequential(conv(3, N, 5, 2), GDN(N), conv(N, N, 5, 2), GDN(N), conv(N, C, 3, 1))
+        self.g_a = build_encoder(encoder, N, C)
         if kind == "factorized":
             self.latent_codec = EntropyBottleneckLatentCodec(channels=C)
         else:
@@ -84,10 +154,20 @@ class Codec(CompressionModel):
         self.meta: dict[str, Any] = {}
         self._fingerprint: str | None = None
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Codec:
+        """The (untrained) codec a ``config`` describes; no ``encoder`` key means the legacy ``"es"``."""
+        return cls(**{"encoder": LEGACY_ENCODER, **config})
+
     # -- properties ----------------------------------------------------------------------------
     @property
     def kind(self) -> str:
         return self.config["kind"]
+
+    @property
+    def encoder(self) -> str:
+        """The device encoder's name (:data:`ENCODERS`)."""
+        return self.config.get("encoder", LEGACY_ENCODER)
 
     @property
     def latent_channels(self) -> int:
@@ -162,18 +242,30 @@ class Codec(CompressionModel):
         return torch.cat([self.latent_codec.compress(y[i : i + 1])["y_hat"] for i in range(len(y))])
 
     @torch.no_grad()
+    def compress_latent(self, y: torch.Tensor) -> list[bytes]:
+        """The entropy-coded payloads of one image's latent ``y`` (1, C, h, w), as :meth:`encode` packs them.
+
+        Byte-identical to ``[s[0] for s in latent_codec.compress(y)["strings"]]`` without what the
+        device does not need: CompressAI's latent codecs also decode ``y`` again to return ``y_hat``,
+        which costs about as much as coding it (the hyperprior's ``z`` is still decoded: it gives
+        ``y``'s prior).
+        """
+        if self.kind == "factorized":
+            return self.latent_codec.entropy_bottleneck.compress(y)
+        codecs = self.latent_codec.latent_codec
+        hyper, gc = codecs["hyper"].compress(y), codecs["y"]
+        scales, means = gc._chunk(gc.entropy_parameters(hyper["params"]))
+        y_strings = gc.gaussian_conditional.compress(y, gc.gaussian_conditional.build_indexes(scales), means)
+        return [y_strings[0], hyper["strings"][0][0]]
+
+    @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[bytes]:
         """One self-describing bitstream per image (see :mod:`mtfc.bitstream`)."""
         fp = bytes.fromhex(self.fingerprint)
         self._check_images(images)
         y = self.g_a(normalize(images))
-        H, W = images.shape[-2:]
-        streams = []
-        for i in range(len(y)):
-            out = self.latent_codec.compress(y[i : i + 1])
-            header = bitstream.Header(fp[: bitstream.FINGERPRINT_BYTES], (H, W), tuple(y.shape[1:]))
-            streams.append(bitstream.pack(header, [s[0] for s in out["strings"]]))
-        return streams
+        header = bitstream.Header(fp[: bitstream.FINGERPRINT_BYTES], tuple(images.shape[-2:]), tuple(y.shape[1:]))
+        return [bitstream.pack(header, self.compress_latent(y[i : i + 1])) for i in range(len(y))]
 
     @torch.no_grad()
     def decode(self, streams: list[bytes]) -> torch.Tensor:
@@ -218,7 +310,7 @@ def load_codec(path: str | Path, map_location: str | torch.device = "cpu") -> Co
 
     Raises :class:`~mtfc.checkpoint.CheckpointError` naming the file and the fix."""
     art = load_checkpoint(path, CODEC, map_location=map_location)
-    codec = Codec(**art["config"])
+    codec = Codec.from_config(art["config"])
     codec.load_state_dict(art["state_dict"])
     codec.meta = dict(art.get("meta", {}))
     codec.requires_grad_(False)

@@ -9,7 +9,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from mtfc import bitstream
-from mtfc.codec import save_codec
+from mtfc.codec import Codec, save_codec
 from mtfc.deploy.client import Client, ServerError
 from mtfc.deploy.encoder import Encoder
 from mtfc.deploy.export import compare_streams, encoder_complexity, export_onnx, synthetic_images
@@ -70,8 +70,8 @@ def test_onnx_encoder_streams_equal_pytorch(kind, tmp_path):
 
 
 def test_encoder_complexity_counts_every_convolution():
-    codec = tiny_codec()  # N=16 hidden, C=8 latent: conv5x5/2, GDN, conv5x5/2, GDN, conv3x3/1
     N, C = 16, 8
+    codec = Codec(latent_channels=C, hidden_channels=N, encoder="es")  # conv5x5/2, GDN, conv5x5/2, GDN, conv3x3/1
     per_pixel = 3 * N * 25 / 4 + N * (N + 1) / 4 + N * N * 25 / 16 + N * (N + 1) / 16 + N * C * 9 / 16
     got = encoder_complexity(codec)
     assert got["encoder_kmac_per_pixel"] == pytest.approx(per_pixel / 1000)
