@@ -39,8 +39,9 @@ def _es(N: int, C: int) -> nn.Sequential:
     conv5×5/2 3→N, GDN(N), conv5×5/2 N→N, GDN(N), conv3×3/1 N→C. mtfc's encoder before the choice
     existed. Its cost is in the second strided conv (25·N² MACs per stride-4 position) and in the
     first stage, which runs at stride 2 on four times as many positions.
-    (sc2bench's ResNet variant is narrower after the first layer — N→N/2 — has no biases and ends
-    with a 2×2 conv without padding, so its latent is 55×55 at 224×224; mtfc's is H/4×W/4.)
+    (sc2bench's ResNet variant, ``FPBasedResNetBottleneck``, is narrower after the first layer —
+    N→N/2 — uses the simplified GDN1, has no biases and ends with a 2×2 conv without padding, so its
+    latent is 55×55 at 224×224; mtfc's is H/4×W/4.)
     """
     return nn.Sequential(conv(3, N, 5, 2), GDN(N), conv(N, N, 5, 2), GDN(N), conv(N, C, 3, 1))
 

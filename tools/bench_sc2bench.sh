@@ -3,12 +3,14 @@
 # Codec.encode for each encoder variant (1 thread, batch 1, interleaved repeats; tools/bench_sc2bench.py).
 #   bash tools/bench_sc2bench.sh [--sizes 224 64] [--repeats 30] [--json OUT]
 # sc2bench is installed only into a throw-away environment (MTFC_SC2BENCH_VENV, default
-# ~/.cache/mtfc/sc2bench-venv) that sees mtfc's environment (MTFC_PYTHON, default the `python` on
-# PATH) through a .pth file: sc2bench and torchdistill without their dependencies, plus timm (what
-# `import sc2bench.models` needs that mtfc's stack lacks). mtfc itself never imports sc2bench.
+# ~/.cache/mtfc/sc2bench-venv) that sees mtfc's environment (MTFC_PYTHON, default tools/setup.sh's
+# ~/.cache/mtfc/venv/bin/python, else the `python` on PATH) through a .pth file: sc2bench and
+# torchdistill without their dependencies, plus timm (what `import sc2bench.models` needs that mtfc's
+# stack lacks). mtfc itself never imports sc2bench.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-base=${MTFC_PYTHON:-python}
+default_base=$HOME/.cache/mtfc/venv/bin/python; [ -x "$default_base" ] || default_base=python
+base=${MTFC_PYTHON:-$default_base}
 venv=${MTFC_SC2BENCH_VENV:-$HOME/.cache/mtfc/sc2bench-venv}
 log() { printf '[bench_sc2bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 
