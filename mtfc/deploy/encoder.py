@@ -70,6 +70,5 @@ class Encoder:
         header = bitstream.Header(fp, tuple(images.shape[-2:]), tuple(y.shape[1:]))
         streams = []
         for i in range(len(y)):
-            strings = self.codec.latent_codec.compress(y[i : i + 1])["strings"]
-            streams.append(bitstream.pack(header, [s[0] for s in strings]))
+            streams.append(bitstream.pack(header, self.codec.compress_latent(y[i : i + 1])))
         return streams

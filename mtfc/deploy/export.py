@@ -115,7 +115,7 @@ def benchmark_encoder(encoder: Encoder, sizes: tuple[int, ...] = (224, 64), repe
             results["sizes"][str(size)] = {
                 "pytorch_network_ms": median_ms(lambda: net(image), repeats),
                 "onnxruntime_network_ms": median_ms(lambda: encoder.latent(image), repeats),
-                "entropy_coding_ms": median_ms(lambda: codec.latent_codec.compress(y), repeats),
+                "entropy_coding_ms": median_ms(lambda: codec.compress_latent(y), repeats),
                 "pytorch_encode_ms": median_ms(lambda: codec.encode(image), repeats),
                 "onnxruntime_encode_ms": median_ms(lambda: encoder.encode(image), repeats),
             }
