@@ -19,12 +19,12 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mtfc.codec import load_codec
-from mtfc.config import Config, HeadConfig, StageConfig
+from mtfc.codec import Codec, load_codec
+from mtfc.config import Config, StageConfig
 from mtfc.engine import seed_everything
 from mtfc.head import HEADS, Head, HeadContext
 from mtfc.model import MultiTaskModel, read_head_checkpoint
-from mtfc.teacher import build_teacher
+from mtfc.teacher import build_teacher, stage_channels
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -142,7 +142,7 @@ class Pipeline:
         teacher = None
         for beta in self.betas():
             path = self.codec_path(beta)
-            if _loads(load_codec, path):
+            if _loads(lambda p: self._check_codec(load_codec(p), beta), path):
                 _log(f"bottleneck β={beta:g}: {path} exists, skipped")
             else:
                 if teacher is None:
@@ -154,6 +154,24 @@ class Pipeline:
                                  saliency=b.saliency, aux_lr=b.aux_lr, entropy_lr=b.entropy_lr, **self.fit_kwargs(b))
             paths[beta] = path
         return paths
+
+    def _check_codec(self, codec: Codec, beta: float) -> None:
+        """Raise ``ValueError`` if a codec artifact was trained with another stage-1 config than this one's."""
+        b = self.cfg.bottleneck
+        want = Codec(**{"out_channels": stage_channels(self.cfg.teacher.arch)["layer1"], **b.codec}).config
+        meta = codec.meta
+        trained = {"codec": codec.config, "beta": meta.get("beta"), "saliency": meta.get("saliency", 0.0)}
+        asked = {"codec": want, "beta": beta, "saliency": b.saliency}
+        if b.select_taps is None:
+            trained["stages"], asked["stages"] = meta.get("stages"), list(b.stages)
+        if trained != asked:
+            raise ValueError(f"it was trained with {trained}, the config asks for {asked}")
+
+    def _check_head(self, ckpt: dict[str, Any], beta: float | None) -> None:
+        """Raise ``ValueError`` if a head checkpoint was trained on another codec than this β's."""
+        codec = None if beta is None else load_codec(self.codec_path(beta)).fingerprint
+        if ckpt["codec_fingerprint"] != codec:
+            raise ValueError(f"it was trained on codec {ckpt['codec_fingerprint']}, this run's is {codec}")
 
     def build_head(self, name: str, latent_channels: int | None, dataset) -> Head:
         """Head ``name`` built from its config section by its :meth:`~mtfc.head.Head.from_config`."""
@@ -176,7 +194,7 @@ class Pipeline:
             for beta in ([None] if references else self.betas()):
                 path = self.head_path(beta, name)
                 where = "reference" if beta is None else f"β={beta:g}"
-                if _loads(read_head_checkpoint, path):
+                if _loads(lambda p: self._check_head(read_head_checkpoint(p), beta), path):
                     _log(f"head {name} ({where}): {path} exists, skipped")
                     done[f"{name}@{where}"] = path
                     continue
@@ -286,13 +304,17 @@ class Pipeline:
 
 
 def _loads(loader, path: Path) -> bool:
+    """Whether the artifact at ``path`` loads and fits the config; a stale or broken one's folder is
+    moved aside (``<folder>.stale-<time>``, nothing is deleted) so that the stage trains afresh."""
     if not path.is_file():
         return False
     try:
         loader(path)
         return True
     except (ValueError, RuntimeError) as e:
-        _log(f"{path} is unusable ({e}); it will be rebuilt")
+        aside = path.parent.with_name(f"{path.parent.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.parent.rename(aside)
+        _log(f"{path} is unusable or stale ({e}); moved its folder to {aside}, retraining")
         return False
 
 

@@ -78,3 +78,26 @@ def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="key=value"):
         load_config(tmp_path / "ok.yaml", ["novalue"])
     assert load_config(tmp_path / "ok.yaml", ["bottleneck.epochs=3"]).bottleneck.epochs == 3
+
+
+def test_an_artifact_trained_with_another_config_is_moved_aside_and_retrained(run_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    cfg = yaml.safe_load((run_dir / "tiny.yaml").read_text())
+    cfg["out_dir"], cfg["data"]["root"] = str(copy), str(copy / "data")
+    cfg["bottleneck"]["betas"] = [0.1]
+    (copy / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    old = (copy / "bottleneck/beta_0.1/codec.pt").read_bytes()
+    pipe = Pipeline(load_config(copy / "tiny.yaml", ["device=cpu", "bottleneck.saliency=0.5"]))
+    pipe.train_bottlenecks()
+    out = capsys.readouterr().out
+    assert "stale" in out and "saliency" in out
+    aside = [p for p in (copy / "bottleneck").iterdir() if p.name.startswith("beta_0.1.stale-")]
+    assert len(aside) == 1 and (aside[0] / "codec.pt").read_bytes() == old  # nothing lost
+    from mtfc.codec import load_codec
+
+    assert load_codec(copy / "bottleneck/beta_0.1/codec.pt").meta["saliency"] == 0.5
+    pipe.train_heads()  # the heads of the old codec no longer fit: retrained on the new one
+    assert capsys.readouterr().out.count("trained on codec") == 3
