@@ -62,3 +62,21 @@ def test_unknown_head_names_the_fix(tmp_path):
 
     with pytest.raises(KeyError, match="imports"):
         HEADS.get("no_such_head")
+
+
+def test_a_forward_only_head_still_works_with_a_deprecation_warning():
+    import torch
+
+    from mtfc.head import Head
+
+    class Old(Head):
+        def forward(self, latent, targets=None):
+            return {"loss_x": latent.sum()} if self.training else list(latent.mean((1, 2, 3)))
+
+    head, latent = Old(), torch.ones(2, 3, 4, 4)
+    with pytest.warns(DeprecationWarning, match="implement loss\\(\\) and predict\\(\\)"):
+        assert head.train().loss(latent, [{}, {}]) == {"loss_x": 96.0}
+    with pytest.warns(DeprecationWarning):
+        assert [float(p) for p in head.eval().predict(latent)] == [1.0, 1.0]
+    with pytest.raises(NotImplementedError, match="neither loss"):
+        Head().loss(latent, [])
