@@ -26,6 +26,7 @@ setup(
         "matplotlib",
         "tensorboard",
         "pycocotools",
+        "scipy",  # clustering-based tap selection (mtfc.distill); compressai and albumentations need it too
     ],
     extras_require={
         # detectron2 itself is not on PyPI: tools/setup.sh installs its Python package (see README).
