@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtfc.head import HEADS, Distillation, Head, HeadContext, LatentResNet, Targets
+from mtfc.head import HEADS, Distillation, Head, HeadContext, LatentResNet, Targets, trunk_kwargs
 from mtfc.metrics import ClassificationEvaluator
 
 
@@ -26,10 +26,8 @@ class ClassificationHead(Head):
 
     @classmethod
     def from_config(cls, kwargs: dict[str, Any], ctx: HeadContext) -> dict[str, Any]:
-        """On the codec's latent (or pixels), the dataset's classes, the teacher's architecture; then ``kwargs``."""
-        resolved = {"latent_channels": ctx.latent_channels, "num_classes": ctx.num_classes,
-                    "arch": ctx.teacher_arch, **kwargs}
-        return resolved
+        """See :func:`~mtfc.head.trunk_kwargs`."""
+        return trunk_kwargs(kwargs, ctx)
 
     def __init__(self, latent_channels: int | None, num_classes: int, arch: str = "resnet18",
                  hidden_channels: int = 96, temperature: float = 4.0, alpha: float = 0.5) -> None:

@@ -39,7 +39,7 @@ from torch import nn
 
 from mtfc.codec import Codec
 from mtfc.distill import bounded_regression, hint_loss, weighted_soft_ce
-from mtfc.head import HEADS, Distillation, Head, HeadContext, LatentResNet, Targets
+from mtfc.head import HEADS, Distillation, Head, HeadContext, LatentResNet, Targets, trunk_kwargs
 from mtfc.teacher import STAGES
 
 with warnings.catch_warnings():  # detectron2.model_zoo imports pkg_resources, which setuptools deprecates
@@ -177,9 +177,8 @@ class DetectionHead(Head):
 
     @classmethod
     def from_config(cls, kwargs: dict[str, Any], ctx: HeadContext) -> dict[str, Any]:
-        """On the codec's latent (or pixels), the dataset's classes, the teacher's architecture; then ``kwargs``."""
-        resolved = {"latent_channels": ctx.latent_channels, "num_classes": ctx.num_classes,
-                    "arch": ctx.teacher_arch, **kwargs}
+        """:func:`~mtfc.head.trunk_kwargs`, with the dataset's image size as the default ``image_size``."""
+        resolved = trunk_kwargs(kwargs, ctx)
         if ctx.image_size is not None:
             resolved.setdefault("image_size", list(ctx.image_size))
         return resolved

@@ -25,7 +25,7 @@ from mmseg.structures import SegDataSample
 from torch import nn
 
 from mtfc.distill import nfd_loss
-from mtfc.head import HEADS, Distillation, Head, HeadContext, LatentResNet, Targets
+from mtfc.head import HEADS, Distillation, Head, HeadContext, LatentResNet, Targets, trunk_kwargs
 from mtfc.teacher import STAGES, stage_channels
 
 IGNORE_INDEX = 255
@@ -92,10 +92,8 @@ class SegmentationHead(Head):
 
     @classmethod
     def from_config(cls, kwargs: dict[str, Any], ctx: HeadContext) -> dict[str, Any]:
-        """On the codec's latent (or pixels), the dataset's classes + background, the teacher's architecture; then ``kwargs``."""
-        resolved = {"latent_channels": ctx.latent_channels, "num_classes": ctx.num_classes + 1,
-                    "arch": ctx.teacher_arch, **kwargs}
-        return resolved
+        """See :func:`~mtfc.head.trunk_kwargs`."""
+        return trunk_kwargs(kwargs, ctx, extra_classes=1)  # + background
 
     def __init__(self, latent_channels: int | None, num_classes: int, arch: str = "resnet18",
                  hidden_channels: int = 96, decode_head: str = "fcn", channels: int = 64, nfd: float = 1.0) -> None:

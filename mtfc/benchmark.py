@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from compressai.layers import GDN
 
 from mtfc import bitstream
 from mtfc.codec import ENCODERS, Codec
@@ -85,11 +86,9 @@ def encoder_complexity(g_a: torch.nn.Module, size: int = 224) -> dict[str, float
     """Parameters of a device encoder and its MACs per input pixel at ``size``×``size``.
 
     Counted with forward hooks: a conv costs out·in/groups·k² MACs per output position (biases not
-    counted), a GDN over C channels C·(C+1) (its 1×1 conv on x², then x · norm) — the convention of
-    :func:`mtfc.deploy.export.encoder_complexity`.
+    counted), a GDN over C channels C·(C+1) (its 1×1 conv on x², then x · norm). The export manifest
+    (:func:`mtfc.deploy.export.encoder_complexity`) reports these counts.
     """
-    from compressai.layers import GDN
-
     macs = 0
 
     def count(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -197,7 +196,7 @@ def encoder_table(codecs: dict[str, Codec], images: torch.Tensor, sizes: tuple[i
         for label, codec in codecs.items():
             models.append(({"encoder": codec.encoder, "weights": f"trained ({label})", **_sizes(codec)}, codec))
         for row, codec in models:
-            rows.append({**row, **{k: v for k, v in encoder_complexity(codec.g_a).items()}, "ms": {}})
+            rows.append({**row, **encoder_complexity(codec.g_a), "ms": {}})
         for size in sizes:
             image = F.interpolate(images[:1], size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
             fns: dict[Any, Callable[[], Any]] = {}

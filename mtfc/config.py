@@ -15,8 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 from mtfc.optim import OptimSpec
-
-STAGES = ("layer1", "layer2", "layer3", "layer4")  # the default distillation taps (mtfc.teacher.STAGES)
+from mtfc.teacher import STAGES
 
 
 def check_keys(section: dict[str, Any], known: Iterable[str], where: str) -> None:

@@ -120,6 +120,13 @@ class Head(nn.Module):
                 m.load_state_dict(codec.decoder.state_dict())
 
 
+def trunk_kwargs(kwargs: dict[str, Any], ctx: HeadContext, extra_classes: int = 0) -> dict[str, Any]:
+    """The ``from_config`` of the heads built on :class:`LatentResNet`: the codec's latent (or pixels),
+    the dataset's classes (+ ``extra_classes``, e.g. background), the teacher's arch; then ``kwargs``."""
+    return {"latent_channels": ctx.latent_channels, "num_classes": ctx.num_classes + extra_classes,
+            "arch": ctx.teacher_arch, **kwargs}
+
+
 def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)

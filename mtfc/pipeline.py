@@ -9,6 +9,7 @@ stage resumes from the engine's last atomic checkpoint. The config is declarativ
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ class Pipeline:
     # -- helpers ---------------------------------------------------------------------------------
     def data_cfg(self, stage: StageConfig | None = None) -> dict[str, Any]:
         """The dataset config of a stage: its own ``data`` merged over the top-level one."""
-        base = {k: v for k, v in self.cfg.to_dict()["data"].items() if k != "generate" and v is not None}
+        base = {k: v for k, v in dataclasses.asdict(self.cfg.data).items() if k != "generate" and v is not None}
         return {**base, **((stage.data if stage is not None else None) or {})}
 
     def dataset(self, stage: StageConfig | None, split: str, train: bool):
@@ -102,7 +103,7 @@ class Pipeline:
         from mtfc.data.synthetic import FORMAT_VERSION
 
         root = Path(data.root)
-        config = {"seed": self.seed, **self.cfg.to_dict()["data"]["generate"]}
+        config = {"seed": self.seed, **dataclasses.asdict(data.generate)}
         if data.image_size is not None:
             config["image_size"] = data.image_size
         info = root / "dataset.json"

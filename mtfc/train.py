@@ -15,12 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtfc.codec import Codec, save_codec
+from mtfc.distill import feature_mse, gradcam, saliency_weights, select_taps
 from mtfc.engine import fit, seed_everything
 from mtfc.head import Distillation, Head
 from mtfc.metrics import ClassificationEvaluator
 from mtfc.model import MultiTaskModel, save_head
 from mtfc.optim import OptimSpec, build_optimizer
-from mtfc.distill import feature_mse, gradcam, saliency_weights, select_taps
 from mtfc.teacher import (STAGES, build_teacher, candidate_taps, normalize, run_stages, save_teacher, stage_channels,
                           teacher_taps)
 

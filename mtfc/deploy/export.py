@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from compressai.layers import GDN
 from torch import nn
 
+from mtfc.benchmark import encoder_complexity as benchmark_complexity
 from mtfc.codec import Codec, load_codec
 from mtfc.deploy.encoder import CODEC_FILE, INPUT_NAME, MANIFEST_FILE, ONNX_FILE, OUTPUT_NAME, Encoder
 from mtfc.teacher import normalize
@@ -63,27 +63,10 @@ def export_onnx(codec_path: str | Path, out_dir: str | Path, opset: int = 17) ->
 
 
 def encoder_complexity(codec: Codec, size: int = 224) -> dict[str, float]:
-    """Parameters of the device encoder and its MACs per input pixel (at ``size``×``size``)."""
-    macs = 0
-
-    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal macs
-        positions = output.shape[0] * output.shape[2] * output.shape[3]
-        if isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1]
-            macs += positions * module.out_channels * module.in_channels // module.groups * k
-        elif isinstance(module, GDN):  # norm = conv1x1(x², γ, β): C² MACs per position, then x · norm
-            macs += positions * output.shape[1] * (output.shape[1] + 1)
-
-    hooks = [m.register_forward_hook(count) for m in codec.g_a.modules() if isinstance(m, (nn.Conv2d, GDN))]
-    try:
-        with torch.no_grad():
-            codec.g_a(torch.zeros(1, 3, size, size))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {"encoder_params": sum(p.numel() for p in codec.g_a.parameters()),
-            "encoder_kmac_per_pixel": macs / (size * size) / 1000}
+    """Parameters of the device encoder and its MACs per input pixel (at ``size``×``size``), counted by
+    :func:`mtfc.benchmark.encoder_complexity`, under the manifest's key names."""
+    counts = benchmark_complexity(codec.g_a, size)
+    return {"encoder_params": counts["params"], "encoder_kmac_per_pixel": counts["kmac_per_pixel"]}
 
 
 def median_ms(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:
