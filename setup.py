@@ -26,6 +26,7 @@ setup(
         "matplotlib",
         "tensorboard",
         "pycocotools",
+        "constriction>=0.4",  # bounds-safe range coder for the bitstream
         "scipy",  # clustering-based tap selection (mtfc.distill); compressai and albumentations need it too
     ],
     extras_require={
@@ -33,7 +34,7 @@ setup(
         "detection": ["fvcore", "iopath", "yacs", "termcolor", "tabulate", "cloudpickle", "omegaconf", "hydra-core"],
         "segmentation": ["mmengine==0.10.7", "mmcv==2.1.0", "mmsegmentation==1.2.2", "ftfy", "regex"],
         # the deployed path (mtfc/deploy): ONNX export + ONNX Runtime device encoder, FastAPI/uvicorn server, httpx client
-        "deploy": ["onnx", "onnxruntime", "fastapi", "uvicorn", "httpx"],
+        "deploy": ["onnx", "onnxruntime", "fastapi", "uvicorn", "httpx", "prometheus_client"],
         "dev": ["pytest", "pytest-xdist"],
     },
     entry_points={"console_scripts": ["mtfc=mtfc.cli:main"]},

@@ -33,7 +33,7 @@ if [ ! -e "$stamp" ]; then
   log "3/4 compressai, albumentations, mmengine, mmsegmentation, detectron2's runtime deps, the deploy stack"
   pip install -c "$cons" compressai albumentations mmengine mmsegmentation ftfy regex \
     fvcore iopath pycocotools yacs termcolor tabulate cloudpickle omegaconf hydra-core matplotlib \
-    tqdm tensorboard pyyaml pillow onnx onnxruntime ml_dtypes fastapi uvicorn httpx
+    tqdm tensorboard pyyaml pillow onnx onnxruntime ml_dtypes fastapi uvicorn httpx prometheus_client constriction
   if has "import detectron2.modeling"; then
     log "4/4 detectron2 already present: left alone"
   else
@@ -49,6 +49,12 @@ if [ ! -e "$stamp" ]; then
   log "stack installed in $((SECONDS - t0)) s"
 else
   log "stack already installed in $venv (stamp ${stamp##*/})"
+fi
+# The real-photograph benchmark (configs/fashion.yaml) reads Fashion-MNIST from Debian's package, offline.
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  log "Fashion-MNIST from Debian (dataset-fashion-mnist, 31 MB) for configs/fashion.yaml"
+  { apt-get install -y -qq dataset-fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; } >/dev/null 2>&1 \
+    || log "could not install dataset-fashion-mnist: configs/fashion.yaml needs it (everything else works without)"
 fi
 [ "$dev" = 1 ] && ! has "import pytest, xdist" && pip install pytest pytest-xdist
 out=$(pip install --no-deps --no-build-isolation -e "$root" 2>&1) || { echo "$out" >&2; exit 1; }
