@@ -58,12 +58,24 @@ class Record:
 class RecordList(Sequence[Record]):
     """:class:`Record` s pickled into one numpy byte buffer, as Detectron2's
     ``DatasetFromList(serialize=True)``: DataLoader workers share two arrays instead of touching
-    (and so copying) millions of Python objects."""
+    (and so copying) millions of Python objects. Each record is stored as a tuple of its fields, paths
+    as strings (a pickled ``Path`` costs ten times as much)."""
 
     def __init__(self, records: Iterable[Record]) -> None:
-        blobs = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in records]
+        blobs = [pickle.dumps(self._pack(r), protocol=pickle.HIGHEST_PROTOCOL) for r in records]
         self._ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)
         self._bytes = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+
+    @staticmethod
+    def _pack(r: Record) -> tuple:
+        return (str(r.image_path), r.image_id, r.source, r.size, r.label, r.instances,
+                None if r.seg_map_path is None else str(r.seg_map_path))
+
+    @staticmethod
+    def _unpack(values: tuple) -> Record:
+        image_path, image_id, source, size, label, instances, seg_map_path = values
+        return Record(Path(image_path), image_id, source, size, label, instances,
+                      None if seg_map_path is None else Path(seg_map_path))
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -73,7 +85,7 @@ class RecordList(Sequence[Record]):
             raise IndexError(f"record {index} out of range ({len(self)} records)")
         index %= len(self)
         start = int(self._ends[index - 1]) if index else 0
-        return pickle.loads(self._bytes[start:int(self._ends[index])].tobytes())
+        return self._unpack(pickle.loads(self._bytes[start:int(self._ends[index])].tobytes()))
 
 
 class TaskDataset(torch.utils.data.Dataset):
