@@ -22,9 +22,9 @@ from mtfc.data import (
     Record,
     RecordList,
     build_dataset,
-    load_coco,
     read_image,
 )
+from mtfc.data.coco import PARSED
 from mtfc.data.imagefolder import scan_image_folder
 from mtfc.data.testing import write_real_layouts
 
@@ -193,6 +193,8 @@ def test_each_coco_file_is_parsed_once_until_it_changes(layouts, tmp_path):
     val_file.write_text(json.dumps(data))
     edited = build_dataset(cfg, "val")
     assert edited.coco is not val.coco and edited[0][1]["classes"].tolist() == [1]
+    PARSED.clear()
+    assert build_dataset(cfg, "val").coco is not edited.coco
 
 
 # ------------------------------------------------------------------------------------ segmentation
@@ -269,3 +271,20 @@ def test_layouts_without_the_corrupt_file(tmp_path):
     assert sorted(roots) == ["ade20k", "cityscapes", "coco", "imagenet", "voc"]
     train = build_dataset({"type": "imagenet", "root": str(roots["imagenet"])}, "train")
     assert len(train) == 5 and [t["label"] for _, t in train] == [0, 0, 1, 1, 2]
+
+
+def test_the_data_blocks_of_real_yaml_build_on_the_tiny_layouts(layouts):
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs/real.yaml").read_text())
+    blocks = [cfg["data"]] + [head["data"] for head in cfg["heads"].values() if "data" in head]
+    assert [block["type"] for block in blocks] == ["imagenet", "coco", "ade20k"]
+    sizes = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetWarning)   # COCO train's degenerate annotations
+        for block in blocks:
+            for split in ("train", "val"):
+                dataset = build_dataset({**block, "root": str(layouts[block["type"]])}, split, train=split == "train")
+                sizes.append((len(dataset), dataset.num_classes, tuple(dataset[0][0].shape)))
+    assert sizes == [(6, 3, (3, 224, 224)), (2, 3, (3, 224, 224)), (3, 4, (3, 512, 512)), (2, 4, (3, 512, 512)),
+                     (1, 150, (3, 512, 512)), (1, 150, (3, 512, 512))]
