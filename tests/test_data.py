@@ -17,6 +17,7 @@ from mtfc.data import (
     ClassificationDataset,
     CocoDetectionDataset,
     DatasetError,
+    DatasetWarning,
     MultiTaskDataset,
     SHAPES,
     SampleTransform,
@@ -351,8 +352,6 @@ def _edit_json(path: Path, edit) -> None:
     (lambda d: d.pop("annotations"), "missing or non-list top-level key 'annotations'"),
     (lambda d: d["annotations"][0].pop("bbox"), r"annotations\[0\] is missing \['bbox'\]"),
     (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), "bbox must be 4 finite numbers"),
-    (lambda d: d["annotations"][0].update(bbox=[1, 2, -3, 4]), "non-positive width or height"),
-    (lambda d: d["annotations"][0].update(bbox=[500, 2, 3, 4]), "lies outside image"),
     (lambda d: d["annotations"][0].update(category_id=99), "unknown category id 99"),
     (lambda d: d["annotations"][0].update(image_id=12345), "unknown image id 12345"),
     (lambda d: d["annotations"][0]["segmentation"].update(size=[32, 32]), r"mask size \[32, 32\].*does not match"),
@@ -364,6 +363,25 @@ def test_malformed_coco_json_is_named(copy, edit, message):
     with pytest.raises(DatasetError, match=message) as err:
         MultiTaskDataset(copy, "val")
     assert str(ann_file) in str(err.value)
+
+
+@pytest.mark.parametrize("bbox, message, reason", [
+    ([1, 2, -3, 4], "non-positive width or height", "with a box of zero or negative width or height"),
+    ([500, 2, 3, 4], "lies outside image", "with a box outside its image"),
+])
+def test_degenerate_boxes_are_skipped_or_strict_errors(copy, bbox, message, reason):
+    ann_file = copy / "annotations/instances_val.json"
+    annotations = json.loads(ann_file.read_text())["annotations"]
+    first = annotations[0]
+    same_image = [a["id"] for a in annotations if a["image_id"] == first["image_id"]]
+    _edit_json(ann_file, lambda d: d["annotations"][0].update(bbox=bbox))
+    with pytest.raises(DatasetError, match=rf"annotation id {first['id']}: bbox .* {message}") as err:
+        MultiTaskDataset(copy, "val", strict=True)
+    assert str(ann_file) in str(err.value)
+    with pytest.warns(DatasetWarning, match=rf"instances_val.json: skipped 1 degenerate annotation\(s\) "
+                                            rf"\(1 {reason}\); strict: true makes them errors$"):
+        dataset = MultiTaskDataset(copy, "val")
+    assert [a["id"] for a in dataset.coco.annotations[first["image_id"]]] == same_image[1:]
 
 
 def test_bad_files_are_named(copy):
@@ -408,7 +426,8 @@ def test_unknown_classes_splits_and_types_are_named(copy, tmp_path):
     with pytest.raises(DatasetError, match="unknown dataset type 'kitti'"):
         build_dataset({"type": "kitti", "root": str(copy)}, "val")
     (copy / "classification/val/hexagon").mkdir()
-    with pytest.raises(DatasetError, match=r"classification/val: class folders .* \(unknown: \['hexagon'\]\)"):
+    with pytest.raises(DatasetError, match=r"classification/val/hexagon: class folder 'hexagon' is not one of the 3 "
+                                           r"classes \(unknown folders: \['hexagon'\]\)"):
         ClassificationDataset(copy / "classification/val", image_size=64,
                               class_names=json.loads((copy / "dataset.json").read_text())["class_names"])
     empty = tmp_path / "empty"

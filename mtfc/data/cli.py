@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from .datasets import MultiTaskDataset
+from .bundled import MultiTaskDataset
 from .preview import render_samples
 from .synthetic import SHAPES, make_dataset
 

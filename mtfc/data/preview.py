@@ -8,7 +8,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .datasets import TaskDataset, palette
+from .base import TaskDataset, palette
 
 
 def render_samples(dataset: TaskDataset, path: str | Path, *, num: int = 8, cols: int = 4) -> Path:
