@@ -426,7 +426,7 @@ class Pipeline:
                 where = "reference" if beta is None else f"β={beta:g}"
                 key = self.head_key(name, beta)
                 if self._usable(f"head {name} ({where})", path, key,
-                                lambda p: read_head_checkpoint(p)["meta"].get("key")):
+                                lambda p: (read_head_checkpoint(p).get("meta") or {}).get("key")):
                     _log(f"head {name} ({where}): {path} exists, skipped")
                     done[f"{name}@{where}"] = path
                     continue
