@@ -62,10 +62,21 @@ def _make_dataset(args: argparse.Namespace) -> int:
     return run(args)
 
 
+@command("check", "open every dataset and weights file a config names and check they fit together "
+                  "(trains nothing; `mtfc run` does this first)")(_config_options)
+def _check(args: argparse.Namespace) -> int:
+    p = _pipeline(args)
+    p.make_dataset()
+    p.validate()
+    print(f"{args.config}: every dataset, weights file and section checked, no problem found")
+    return 0
+
+
 @command("train-teacher", "train the teacher classifier of a config (unless it names pretrained weights)")(_config_options)
 def _train_teacher(args: argparse.Namespace) -> int:
     p = _pipeline(args)
     p.make_dataset()
+    p.validate(["teacher"])
     p.teacher_model()
     return 0
 
@@ -74,6 +85,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
 def _train_bottleneck(args: argparse.Namespace) -> int:
     p = _pipeline(args)
     p.make_dataset()
+    p.validate(["teacher", "bottleneck"])
     for beta, path in p.train_bottlenecks().items():
         print(f"β={beta:g}: {path}")
     return 0
@@ -82,6 +94,7 @@ def _train_bottleneck(args: argparse.Namespace) -> int:
 @command("train-head", "fine-tune the config's heads on every frozen codec, and the reference heads")(_config_options)
 def _train_head(args: argparse.Namespace) -> int:
     p = _pipeline(args)
+    p.validate()
     p.train_heads(references=True)
     for key, path in p.train_heads().items():
         print(f"{key}: {path}")

@@ -56,6 +56,13 @@ class DataConfig:
     ann_dir: str | None = None
 
 
+#: Stage settings that change how a stage runs, not what it makes: left out of its artifact's key.
+HOW_IT_RUNS = ("num_workers", "ckpt_every", "val_every")
+#: Data settings that say where a dataset's files are: an artifact's key records the dataset's
+#: identity (classes, split sizes, file list) instead, so moving a dataset does not make it stale.
+DATA_LOCATION = ("root", "ann_file", "image_root", "dir", "img_dir", "ann_dir")
+
+
 @dataclass
 class StageConfig:
     """What every training stage has: the engine's settings (:func:`mtfc.engine.fit`), its optimizer
@@ -70,6 +77,11 @@ class StageConfig:
     amp: bool = True
     optim: OptimSpec = field(default_factory=OptimSpec)
     data: dict[str, Any] | None = None
+
+    def what_it_makes(self) -> dict[str, Any]:
+        """This section as plain data without :data:`HOW_IT_RUNS` and ``data`` (which the pipeline
+        resolves): the settings that determine the stage's artifact."""
+        return {k: v for k, v in _plain(self).items() if k not in HOW_IT_RUNS and k != "data"}
 
 
 @dataclass

@@ -15,16 +15,19 @@ A *task* is an ``nn.Module`` that owns its model, its losses and its optimisatio
 * optional ``task.validate(loader) -> dict[str, float]`` runs in eval mode under ``torch.no_grad``
   every ``val_every`` epochs and at the end; its batches arrive already on the training device.
 * optional attribute ``find_unused_parameters`` (default ``True``) is handed to DDP.
+* optional attribute ``frozen_modules`` (names of submodules, e.g. ``("teacher",)``): inputs the
+  task does not train; their weights are left out of ``last.pt``.
 
 The parts: :class:`TrainState` (task, optimizers, GradScaler, position, running sums, history)
 and how it is restored; ``_Loop`` with ``train_step``, ``train_epoch``, ``end_epoch`` (averages,
 validation via :func:`_validate`, checkpoint, logs) and ``save``; :func:`fit` wires them.
 
 ``out_dir/last.pt`` (an :mod:`mtfc.checkpoint` of kind ``mtfc-train-state``) is written atomically
-every ``ckpt_every`` steps and at each epoch end. It holds everything needed to continue mid-epoch as
-if never interrupted: the state above plus each rank's RNG states and running sums. With
-``num_workers=0`` a resumed run reaches bit-identical parameters; with workers, the data order is the
-same but the workers' augmentation RNG restarts at the resume point.
+every ``ckpt_every`` steps and at each epoch end. It holds what is needed to continue mid-epoch as
+if never interrupted, and nothing else: the state above (without the ``frozen_modules``) plus each
+rank's RNG states and running sums. With ``num_workers=0`` a resumed run reaches bit-identical
+parameters; with workers, the data order is the same but the workers' augmentation RNG restarts at the
+resume point. Once a stage has written its artifact, :func:`clear_state` deletes ``last.pt``.
 """
 from __future__ import annotations
 
@@ -200,6 +203,30 @@ def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def _frozen_prefixes(task: nn.Module) -> tuple[str, ...]:
+    return tuple(f"{name}." for name in getattr(task, "frozen_modules", ()))
+
+
+def _task_state(task: nn.Module) -> dict[str, torch.Tensor]:
+    """The task's state without its ``frozen_modules``: what ``last.pt`` holds of it."""
+    frozen = _frozen_prefixes(task)
+    return {k: v for k, v in task.state_dict().items() if not k.startswith(frozen)}
+
+
+def _load_task_state(task: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    missing, unexpected = task.load_state_dict(state, strict=False)
+    frozen = _frozen_prefixes(task)
+    wrong = list(unexpected) + [k for k in missing if not k.startswith(frozen)]
+    if wrong:
+        raise CheckpointError(f"{path} does not hold this task's state (missing or unexpected: {wrong[:3]}); "
+                              "pass resume=False or use another out_dir")
+
+
+def clear_state(out_dir: str | Path) -> None:
+    """Delete ``out_dir/last.pt``: call it once the stage's artifact is written (resuming is over)."""
+    Path(out_dir, "last.pt").unlink(missing_ok=True)
+
+
 def _summary(history: list[dict[str, Any]], global_step: int) -> dict[str, Any]:
     return {"epochs": history, "val": dict(history[-1].get("val", {})) if history else {}, "global_step": global_step}
 
@@ -295,7 +322,7 @@ class _Loop:
         if self.rank == 0:
             save_checkpoint(self.ckpt_path, TRAIN_STATE, {
                 "run": self.run, "done": self.finished(), "epoch": s.epoch, "step_in_epoch": s.step_in_epoch,
-                "global_step": s.global_step, "task": s.task.state_dict(),
+                "global_step": s.global_step, "task": _task_state(s.task),
                 "optimizers": {k: o.state_dict() for k, o in s.optimizers.items()},
                 "scaler": s.scaler.state_dict(), "ranks": ranks, "history": s.history})
 
@@ -410,7 +437,8 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
         val_set: Dataset | None = None, val_every: int = 1, collate_fn: Callable | None = None,
         num_workers: int = 0, seed: int = 0, amp: bool = True, ckpt_every: int = 50,
         max_steps: int | None = None, resume: bool = True, progress: bool = True,
-        device: str | torch.device | None = None, optim: OptimSpec | None = None) -> dict[str, Any]:
+        device: str | torch.device | None = None, optim: OptimSpec | None = None,
+        tag: str | None = None) -> dict[str, Any]:
     """Train ``task`` on ``train_set``; resumable, reproducible, DDP-aware (run under ``torchrun``).
 
     Returns ``{"epochs": [record, …], "val": last validation metrics, "global_step": n}``; a record is
@@ -420,7 +448,8 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
     ``fit`` returns at once. AMP (fp16 autocast + GradScaler) is used only on CUDA.
 
     ``optim`` (default: ``task.optim``, see the module docstring) sets the per-step learning-rate
-    schedule and gradient clipping.
+    schedule and gradient clipping. ``tag`` names what is trained (the pipeline passes its artifact
+    key): a ``last.pt`` with another tag is not resumed.
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("val_every", val_every),
                         ("ckpt_every", ckpt_every)):
@@ -435,11 +464,14 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
     rank, world_size, device = _setup_distributed(device)
     optim = _optim_spec(task, optim)
     run = {"seed": seed, "batch_size": batch_size, "world_size": world_size, "train_size": len(train_set),
-           "epochs": epochs, "optim": optim.to_dict()}
+           "epochs": epochs, "optim": optim.to_dict(), **({"tag": tag} if tag is not None else {})}
     ckpt_path = out_dir / "last.pt"
     ckpt = load_checkpoint(ckpt_path, TRAIN_STATE) if resume and ckpt_path.exists() else None
     if ckpt is not None:
-        task.load_state_dict(ckpt["task"])
+        if ckpt["run"].get("tag") != tag:
+            raise ValueError(f"{ckpt_path} is the training state of {ckpt['run'].get('tag')!r}, this run trains "
+                             f"{tag!r}; pass resume=False or use another out_dir")
+        _load_task_state(task, ckpt["task"], ckpt_path)
         if _finished(ckpt["epoch"], ckpt["global_step"], epochs, max_steps):
             return _summary(list(ckpt["history"]), ckpt["global_step"])
         if ckpt["run"] != run:

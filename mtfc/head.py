@@ -13,7 +13,10 @@ tensor the edge server gets from :meth:`mtfc.Codec.decode` — or, for a referen
   ``build_evaluator(dataset)``: an object with ``reset()``, ``process(targets, predictions)`` and
   ``evaluate() -> dict[str, float]``, as Detectron2's ``DatasetEvaluator``.
 
-Heads register under a name in :data:`HEADS` so configs and checkpoints can build them.
+Heads register under a name in :data:`HEADS` so configs and checkpoints can build them. Only the
+operator decides which code runs: a head type is found among the registered heads, the built-in
+``heads/<name>.py`` and the ``mtfc.heads`` entry points, or in a module the operator imports (the
+config's ``imports``, ``mtfc serve --import``); a checkpoint never makes mtfc import a module.
 """
 from __future__ import annotations
 
@@ -227,10 +230,18 @@ class Registry(dict):
         return obj
 
     def rebuild(self, spec: dict[str, Any]) -> Any:
-        """Build again from the spec :meth:`build` recorded (a checkpoint's), importing its module first."""
-        if spec["type"] not in self and spec.get("module"):
-            _import_head_module(spec["type"], spec["module"])
-        return self.build(spec["type"], **spec["kwargs"])
+        """Build again from the spec :meth:`build` recorded (a checkpoint's). The module the spec names
+        is not imported (a checkpoint must not choose what code runs); a type that is neither
+        registered, built in nor an entry point is a ``KeyError`` saying which module to import."""
+        name, module = spec["type"], spec.get("module")
+        if name not in self:
+            _import_head_module(name)
+        if name not in self:
+            where = f"module {module!r}" if module else "a module of yours"
+            raise KeyError(f"head type {name!r} is not registered; it was defined in {where}, which mtfc imports only "
+                           f"when you ask: pass `--import {module or 'MODULE'}` (mtfc serve, mtfc loadtest), list it "
+                           "under `imports:` in the config, or declare it as an `mtfc.heads` entry point")
+        return self.build(name, **spec["kwargs"])
 
     def from_config(self, name: str, kwargs: dict[str, Any], ctx: HeadContext) -> Any:
         """Build ``name`` from a config's ``kwargs`` through its :meth:`Head.from_config`."""
@@ -239,16 +250,17 @@ class Registry(dict):
         return self.build(name, **(resolve(kwargs, ctx) if resolve is not None else kwargs))
 
 
-def _import_head_module(name: str, module: str | None = None) -> None:
+def _import_head_module(name: str) -> None:
+    """Import the installed code that registers head ``name``: its ``mtfc.heads`` entry point or the
+    built-in ``heads/<name>.py``."""
     from importlib.metadata import entry_points
 
-    if module:
-        importlib.import_module(module)
-        return
     for ep in entry_points(group="mtfc.heads"):
         if ep.name == name:
             ep.load()
             return
+    if not name.isidentifier():  # a plain module name inside heads/, never a dotted path
+        return
     try:  # built-in heads live in heads/<name>.py and register on import
         importlib.import_module(f"heads.{name}")
     except ModuleNotFoundError as e:

@@ -81,7 +81,8 @@ def save_head(head: Head, path: str | Path, codec_fingerprint: str | None, **met
 
 
 def load_head(path: str | Path, codec_fingerprint: str | None = None, head: Head | None = None) -> Head:
-    """Rebuild a saved head (from the registry unless ``head`` is given) and check its codec."""
+    """Rebuild a saved head (from the registry unless ``head`` is given) and check its codec; the
+    checkpoint names a head type, never code to import (see :meth:`~mtfc.head.Registry.rebuild`)."""
     ckpt = read_head_checkpoint(path)
     if ckpt["codec_fingerprint"] != codec_fingerprint:
         trained = ckpt["codec_fingerprint"] or "uncompressed pixels (a reference head)"
@@ -90,7 +91,10 @@ def load_head(path: str | Path, codec_fingerprint: str | None = None, head: Head
     if head is None:
         if not ckpt["spec"]:
             raise CheckpointError(f"{path} holds a head built outside the registry: pass `head=` to load it into")
-        head = HEADS.rebuild(ckpt["spec"])
+        try:
+            head = HEADS.rebuild(ckpt["spec"])
+        except KeyError as e:
+            raise CheckpointError(f"{path}: {e.args[0]}") from None
     head.load_state_dict(ckpt["state_dict"])
     return head.eval()
 

@@ -2,30 +2,53 @@
 reference models → rate–accuracy evaluation → report. ``mtfc run CONFIG`` runs every stage;
 each stage is also its own subcommand.
 
-Every stage writes one artifact and is skipped when that artifact exists and loads; an interrupted
-stage resumes from the engine's last atomic checkpoint. The config is declarative YAML (see
+Before anything trains, :meth:`Pipeline.validate` opens every dataset and weights file the config
+names and checks that they fit together (``mtfc check CONFIG`` runs only that).
+
+Every stage writes one artifact that records its *key*: the SHA-256 of everything that determines it
+(its config section with data and kwargs, the seed, the identity of its dataset, the keys of the
+artifacts it was trained on). A stage is skipped when its artifact's key is this config's; a stale
+artifact (or an interrupted run of other inputs) is moved aside and retrained. An interrupted stage
+resumes from the engine's last atomic checkpoint. The config is declarative YAML (see
 ``configs/demo.yaml``, whose comments document every key).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import importlib
+import json
+import os
 import time
+import urllib.request
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
 
 import torch
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mtfc.checkpoint import TEACHER, TRAIN_STATE, CheckpointError, load_checkpoint
 from mtfc.codec import Codec, load_codec
-from mtfc.config import Config, StageConfig
+from mtfc.config import DATA_LOCATION, Config, StageConfig
 from mtfc.engine import seed_everything
 from mtfc.head import HEADS, Head, HeadContext
 from mtfc.model import MultiTaskModel, read_head_checkpoint
-from mtfc.teacher import build_teacher, stage_channels
+from mtfc.teacher import (build_teacher, candidate_taps, is_local_weights, pretrained_cache_file, pretrained_fixes,
+                          pretrained_weights, stage_channels)
+
+SPLITS = ("train", "val")
+#: The inputs of a key that are other artifacts (their keys, or the codec's fingerprint).
+UPSTREAM = ("teacher", "codec", "reference")
+STAGE_GROUPS = ("teacher", "bottleneck", "heads")
+
+
+class ConfigCheckError(ValueError):
+    """What :meth:`Pipeline.validate` found: one line per problem, each naming the file or config key
+    and the fix."""
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -60,10 +83,16 @@ class Pipeline:
     def __init__(self, cfg: Config | dict[str, Any]) -> None:
         self.cfg = cfg if isinstance(cfg, Config) else Config.from_dict(cfg)
         for module in self.cfg.imports:  # user modules that register heads
-            importlib.import_module(module)
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise ConfigCheckError(f"imports: cannot import {module!r} ({e}): install it, add its folder to "
+                                       "PYTHONPATH, or remove it from `imports:`") from None
         self.out = Path(self.cfg.out_dir)
         self.seed = self.cfg.seed
         self.device = self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._identities: dict[str, dict[str, Any]] = {}  # data config → its dataset's identity
+        self._digests: dict[Path, str] = {}  # local teacher weights → their SHA-256
 
     # -- helpers ---------------------------------------------------------------------------------
     def data_cfg(self, stage: StageConfig | None = None) -> dict[str, Any]:
@@ -90,6 +119,219 @@ class Pipeline:
         where = "reference" if beta is None else f"heads/beta_{beta:g}"
         return self.out / where / name / "head.pt"
 
+    def teacher_classes(self) -> int:
+        """The teacher's number of classes: ``teacher.num_classes``, else its data's."""
+        t = self.cfg.teacher
+        return t.num_classes or len(self.dataset_identity(t)["train"]["classes"])
+
+    # -- what determines each artifact: its key -------------------------------------------------------
+    def dataset_identity(self, stage: StageConfig | None) -> dict[str, Any]:
+        """What identifies a stage's dataset, per split: its classes, its target keys, its size and a
+        digest of its file list (relative to the root); for a generated dataset also the generator's
+        config. Built once per data config (this opens the annotation files)."""
+        cfg = self.data_cfg(stage)
+        token = _canonical(cfg)
+        if token not in self._identities:
+            identity = {split: _identity(self.dataset(stage, split, train=split == "train"), cfg["root"])
+                        for split in SPLITS}
+            if cfg["type"] == "bundled":
+                info = json.loads((Path(cfg["root"]) / "dataset.json").read_text())
+                identity["generated"] = {"format_version": info.get("format_version"),
+                                         **{k: v for k, v in info.get("config", {}).items() if k != "workers"}}
+            self._identities[token] = identity
+        return self._identities[token]
+
+    def _data_inputs(self, stage: StageConfig) -> dict[str, Any]:
+        return {"config": {k: v for k, v in self.data_cfg(stage).items() if k not in DATA_LOCATION},
+                "identity": self.dataset_identity(stage)}
+
+    def teacher_key(self) -> dict[str, Any]:
+        """The teacher's key: its section, seed and data when it trains here; else its weights."""
+        t = self.cfg.teacher
+        if t.weights is None:
+            return _key({"stage": "teacher", "seed": self.seed, "config": t.what_it_makes(),
+                         "data": self._data_inputs(t)})
+        inputs = {"stage": "teacher", "arch": t.arch, "weights": t.weights, "num_classes": self.teacher_classes()}
+        if is_local_weights(t.weights):
+            path = Path(t.weights)
+            if path not in self._digests:
+                self._digests[path] = _file_digest(path)
+            inputs["sha256"] = self._digests[path]
+        return _key(inputs)
+
+    def codec_key(self, beta: float) -> dict[str, Any]:
+        """β's codec's key: the bottleneck section (with this β), seed, data and the teacher's key."""
+        b = self.cfg.bottleneck
+        config = {k: v for k, v in b.what_it_makes().items() if k != "betas"}
+        if b.select_taps is not None:
+            del config["stages"]  # chosen by clustering instead
+        return _key({"stage": "bottleneck", "beta": beta, "seed": self.seed, "config": config,
+                     "data": self._data_inputs(b), "teacher": self.teacher_key()["sha256"]})
+
+    def head_key(self, name: str, beta: float | None) -> dict[str, Any]:
+        """The key of head ``name`` on β's codec (``None``: its reference on pixels): its section, seed,
+        data, the teacher's key (heads start from it) and, on a codec, the codec's fingerprint and the
+        key of the reference it distils from."""
+        spec = self.cfg.heads[name]
+        config = spec.what_it_makes()
+        if beta is None:
+            del config["distill"]  # the reference itself is not distilled
+        inputs = {"stage": "reference" if beta is None else "head", "beta": beta, "seed": self.seed,
+                  "config": config, "data": self._data_inputs(spec),
+                  "teacher": self.teacher_key()["sha256"]}
+        if beta is not None:
+            inputs["codec"] = load_codec(self.codec_path(beta)).fingerprint
+            if spec.distill and spec.reference == "train":
+                inputs["reference"] = self.head_key(name, None)["sha256"]
+        return _key(inputs)
+
+    # -- checks before anything trains ----------------------------------------------------------------
+    def validate(self, stages: Sequence[str] = STAGE_GROUPS) -> None:
+        """Check in seconds, before anything trains, that what ``stages`` (of :data:`STAGE_GROUPS`)
+        need is there and fits together: every dataset opens (roots, annotation files) with the same
+        classes in both splits; the teacher's ``num_classes`` fits its data and weights; its weights
+        file loads or torchvision's pretrained weights are cached or downloadable; the codec and every
+        head build from their sections; each head's data has the targets it needs. Trains nothing;
+        raises :class:`ConfigCheckError` with one line per problem."""
+        t, b = self.cfg.teacher, self.cfg.bottleneck
+        sections: dict[str, StageConfig] = {}
+        if "teacher" in stages and (t.weights is None or t.num_classes is None):
+            sections["teacher"] = t
+        if "bottleneck" in stages:
+            sections["bottleneck"] = b
+        if "heads" in stages:
+            sections.update({f"heads.{name}": spec for name, spec in self.cfg.heads.items()})
+        problems, broken = [], set()
+        for where, stage in sections.items():
+            cfg = self.data_cfg(stage)
+            token = _canonical(cfg)
+            if token in broken:
+                continue
+            source = f"{where}.data" if stage.data else "data"
+            try:
+                identity = self.dataset_identity(stage)
+            except (ValueError, OSError, KeyError) as e:  # a DatasetError names the file
+                broken.add(token)
+                problems.append(f"{source} ({cfg.get('type')} at {cfg.get('root')}): {_line(e)}")
+                continue
+            train, val = identity["train"]["classes"], identity["val"]["classes"]
+            if train != val:
+                broken.add(token)
+                problems.append(f"{source} ({cfg['type']} at {cfg['root']}): the train split has {len(train)} classes "
+                                f"{_short(train)}, the val split {len(val)} {_short(val)}: give both splits the "
+                                "same class list")
+        if "teacher" in sections and _canonical(self.data_cfg(t)) in broken:
+            return self._fail(problems)
+        try:
+            channels = stage_channels(t.arch)["layer1"]
+        except ValueError as e:
+            return self._fail(problems + [f"teacher.arch: {_line(e)}"])
+        try:
+            latent_channels = Codec(**{"out_channels": channels, **b.codec}).latent_channels
+        except (TypeError, ValueError) as e:
+            return self._fail(problems + [f"bottleneck.codec: {_line(e)}"])
+        if "teacher" in stages:
+            problems += self._teacher_problems()
+        if "bottleneck" in stages and b.select_taps is None:
+            known = set(candidate_taps(build_teacher(t.arch, 1))) | {"logits"}
+            unknown = [s for s in b.stages if s not in known]
+            if unknown or not b.stages:
+                problems.append(f"bottleneck.stages: unknown distillation taps {unknown or '(none given)'} of "
+                                f"{t.arch}; choose from {sorted(known)}")
+        for where, spec in sections.items():
+            if where.startswith("heads.") and _canonical(self.data_cfg(spec)) not in broken:
+                problems += self._head_problems(where.removeprefix("heads."), latent_channels)
+        self._fail(problems)
+
+    @staticmethod
+    def _fail(problems: list[str]) -> None:
+        if problems:
+            raise ConfigCheckError("\n".join(problems))
+
+    def _teacher_problems(self) -> list[str]:
+        t = self.cfg.teacher
+        if t.weights is None:
+            n = len(self.dataset_identity(t)["train"]["classes"])
+            if t.num_classes is not None and t.num_classes != n:
+                return [f"teacher.num_classes is {t.num_classes} but teacher.weights is null, so the teacher trains on "
+                        f"its data, which has {n} classes: set teacher.num_classes to {n} (or null)"]
+            return []
+        if is_local_weights(t.weights):
+            path = Path(t.weights)
+            if not path.is_file():
+                return [f"teacher.weights: {path} does not exist: set teacher.weights to an existing checkpoint, to a "
+                        "torchvision weights name (e.g. IMAGENET1K_V1), or to null (the teacher then trains on `data`)"]
+            try:
+                ckpt = load_checkpoint(path, TEACHER, plain_state_dict=True)
+            except CheckpointError as e:
+                return [f"teacher.weights: {e}"]
+            if ckpt.get("arch", t.arch) != t.arch:
+                return [f"teacher.weights: {path} holds a {ckpt['arch']} teacher, teacher.arch is {t.arch}: set "
+                        f"teacher.arch to {ckpt['arch']} or pass a {t.arch} checkpoint"]
+            fc = ckpt["state_dict"].get("fc.weight")
+            want = self.teacher_classes()
+            if fc is not None and fc.shape[0] != want:
+                said = f"teacher.num_classes is {want}" if t.num_classes else f"its data has {want} classes"
+                return [f"teacher.weights: {path} predicts {fc.shape[0]} classes but {said}: set teacher.num_classes "
+                        f"to {fc.shape[0]}"]
+            return []
+        try:
+            entry = pretrained_weights(t.arch, t.weights)
+        except ValueError as e:
+            return [f"teacher.weights: {e}"]
+        if pretrained_cache_file(entry).is_file():
+            return []
+        reason = _unreachable(entry.url)
+        if reason is None:
+            return []
+        return [f"teacher.weights: torchvision's {t.arch} {entry.name} is not in torch's hub cache and cannot be "
+                f"downloaded ({reason}): {pretrained_fixes(entry)}"]
+
+    def _head_problems(self, name: str, latent_channels: int) -> list[str]:
+        spec, cfg = self.cfg.heads[name], self.data_cfg(self.cfg.heads[name])
+        identity = self.dataset_identity(spec)["train"]
+        data = SimpleNamespace(num_classes=len(identity["classes"]), class_names=identity["classes"])
+        try:
+            head = self.build_head(name, latent_channels, data)
+        except (TypeError, ValueError, KeyError, ImportError) as e:
+            return [f"heads.{name}: cannot build a {spec.type!r} head from its section: {_line(e)}"]
+        missing = [k for k in head.required_targets if k not in identity["targets"]]
+        if missing:
+            return [f"heads.{name}: a {spec.type} head needs targets {missing} that its data ({cfg['type']} at "
+                    f"{cfg['root']}) does not have (it has {identity['targets']}): give heads.{name} a `data` section "
+                    "with these labels"]
+        return []
+
+    def _usable(self, what: str, path: Path, key: dict[str, Any], recorded: Callable[[Path], Any]) -> bool:
+        """Whether the artifact at ``path`` loads and ``recorded(path)`` (the key it records) is ``key``.
+
+        A stale or broken artifact's folder, or the folder of an interrupted run that trained other
+        inputs, is moved aside (``<folder>.stale-<time>``, nothing is deleted): the stage trains afresh."""
+        state = path.parent / "last.pt"
+        if path.is_file():
+            try:
+                reason = _differences(recorded(path), key)
+            except (ValueError, RuntimeError) as e:
+                reason = f"{path} is unusable: {_line(e)}"
+            else:
+                if reason is None:
+                    return True
+                reason = f"{path} is stale: {reason}"
+        elif state.is_file():
+            try:
+                tag = load_checkpoint(state, TRAIN_STATE)["run"].get("tag")
+            except CheckpointError as e:
+                tag = _line(e)
+            if tag == key["sha256"]:
+                return False  # the engine resumes it
+            reason = f"the interrupted run in {state} trained other inputs than this config's"
+        else:
+            return False
+        aside = path.parent.with_name(f"{path.parent.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.parent.rename(aside)
+        _log(f"{what}: {reason}; moved its folder to {aside}, retraining")
+        return False
+
     # -- stages ------------------------------------------------------------------------------------
     def make_dataset(self) -> Path | None:
         """Generate the bundled dataset if the config asks for it and it is not there yet."""
@@ -98,11 +340,10 @@ class Pipeline:
         data = self.cfg.data
         if data.type != "bundled" or data.generate is None:
             return None
-        import json
-
         from mtfc.data.synthetic import FORMAT_VERSION
 
         root = Path(data.root)
+        self._identities.clear()
         config = {"seed": self.seed, **dataclasses.asdict(data.generate)}
         if data.image_size is not None:
             config["image_size"] = data.image_size
@@ -114,7 +355,7 @@ class Pipeline:
                 _log(f"dataset: {root} exists, skipped")
                 return root
             _log(f"dataset: {root} was generated by another generator version or config; regenerating it "
-                 f"(artifacts trained on the old one under {self.out} should be deleted)")
+                 "(artifacts trained on the old one will be moved aside and retrained)")
         _log(f"dataset: generating {root}")
         t0 = time.time()
         make_dataset(root, overwrite=True, **config)
@@ -122,18 +363,22 @@ class Pipeline:
         return root
 
     def teacher_model(self) -> nn.Module:
-        """The teacher: trained here unless ``teacher.weights`` names pretrained or local weights."""
+        """The teacher: trained here unless ``teacher.weights`` names pretrained or local weights (a
+        trained one whose key is not this config's is moved aside and retrained)."""
         from mtfc.train import train_teacher
 
         t = self.cfg.teacher
+        if t.weights is not None:
+            return build_teacher(t.arch, self.teacher_classes(), t.weights).eval()
+        self._fail(self._teacher_problems())
         path = self.out / "teacher" / "teacher.pt"
-        if t.weights is None and not path.is_file():
+        key = self.teacher_key()
+        if not self._usable("teacher", path, key, lambda p: load_checkpoint(p, TEACHER).get("key")):
             _log(f"teacher: training {t.arch} on the dataset")
             train_set = self.dataset(t, "train", train=True)
             train_teacher(train_set, self.dataset(t, "val", train=False), arch=t.arch,
-                          num_classes=train_set.num_classes, out_dir=path.parent, **self.fit_kwargs(t))
-        num_classes = t.num_classes or self.dataset(t, "val", train=False).num_classes
-        return build_teacher(t.arch, num_classes, t.weights or path).eval()
+                          num_classes=train_set.num_classes, out_dir=path.parent, key=key, **self.fit_kwargs(t))
+        return build_teacher(t.arch, self.teacher_classes(), path).eval()
 
     def train_bottlenecks(self) -> dict[float, Path]:
         from mtfc.train import train_bottleneck
@@ -143,7 +388,8 @@ class Pipeline:
         teacher = None
         for beta in self.betas():
             path = self.codec_path(beta)
-            if _loads(lambda p: self._check_codec(load_codec(p), beta), path):
+            key = self.codec_key(beta)
+            if self._usable(f"bottleneck β={beta:g}", path, key, lambda p: load_codec(p).meta.get("key")):
                 _log(f"bottleneck β={beta:g}: {path} exists, skipped")
             else:
                 if teacher is None:
@@ -152,27 +398,10 @@ class Pipeline:
                 train_bottleneck(self.dataset(b, "train", train=True), self.dataset(b, "val", train=False),
                                  copy.deepcopy(teacher), arch=self.cfg.teacher.arch, beta=beta,
                                  out_dir=path.parent, codec=b.codec, stages=b.stages, select=b.select_taps,
-                                 saliency=b.saliency, aux_lr=b.aux_lr, entropy_lr=b.entropy_lr, **self.fit_kwargs(b))
+                                 saliency=b.saliency, aux_lr=b.aux_lr, entropy_lr=b.entropy_lr, key=key,
+                                 **self.fit_kwargs(b))
             paths[beta] = path
         return paths
-
-    def _check_codec(self, codec: Codec, beta: float) -> None:
-        """Raise ``ValueError`` if a codec artifact was trained with another stage-1 config than this one's."""
-        b = self.cfg.bottleneck
-        want = Codec(**{"out_channels": stage_channels(self.cfg.teacher.arch)["layer1"], **b.codec}).config
-        meta = codec.meta
-        trained = {"codec": codec.config, "beta": meta.get("beta"), "saliency": meta.get("saliency", 0.0)}
-        asked = {"codec": want, "beta": beta, "saliency": b.saliency}
-        if b.select_taps is None:
-            trained["stages"], asked["stages"] = meta.get("stages"), list(b.stages)
-        if trained != asked:
-            raise ValueError(f"it was trained with {trained}, the config asks for {asked}")
-
-    def _check_head(self, ckpt: dict[str, Any], beta: float | None) -> None:
-        """Raise ``ValueError`` if a head checkpoint was trained on another codec than this β's."""
-        codec = None if beta is None else load_codec(self.codec_path(beta)).fingerprint
-        if ckpt["codec_fingerprint"] != codec:
-            raise ValueError(f"it was trained on codec {ckpt['codec_fingerprint']}, this run's is {codec}")
 
     def build_head(self, name: str, latent_channels: int | None, dataset) -> Head:
         """Head ``name`` built from its config section by its :meth:`~mtfc.head.Head.from_config`."""
@@ -195,7 +424,9 @@ class Pipeline:
             for beta in ([None] if references else self.betas()):
                 path = self.head_path(beta, name)
                 where = "reference" if beta is None else f"β={beta:g}"
-                if _loads(lambda p: self._check_head(read_head_checkpoint(p), beta), path):
+                key = self.head_key(name, beta)
+                if self._usable(f"head {name} ({where})", path, key,
+                                lambda p: (read_head_checkpoint(p).get("meta") or {}).get("key")):
                     _log(f"head {name} ({where}): {path} exists, skipped")
                     done[f"{name}@{where}"] = path
                     continue
@@ -216,7 +447,7 @@ class Pipeline:
                 head.init_from_teacher(teacher)
                 _log(f"head {name} ({where}): training" + (" (distilled from its reference)" if distill_from else ""))
                 fit_head(head, train_set, codec=codec, out_dir=path.parent, val_set=self.dataset(spec, "val", train=False),
-                         teacher=distill_from, **self.fit_kwargs(spec))
+                         teacher=distill_from, key=key, **self.fit_kwargs(spec))
                 done[f"{name}@{where}"] = path
         return done
 
@@ -294,6 +525,7 @@ class Pipeline:
         t0 = time.time()
         torch.manual_seed(self.seed)
         self.make_dataset()
+        self.validate()
         self.teacher_model()
         self.train_bottlenecks()
         self.train_heads(references=True)
@@ -304,19 +536,73 @@ class Pipeline:
         return paths
 
 
-def _loads(loader, path: Path) -> bool:
-    """Whether the artifact at ``path`` loads and fits the config; a stale or broken one's folder is
-    moved aside (``<folder>.stale-<time>``, nothing is deleted) so that the stage trains afresh."""
-    if not path.is_file():
-        return False
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _key(inputs: dict[str, Any]) -> dict[str, Any]:
+    """An artifact's key: ``inputs`` as plain JSON data and their SHA-256."""
+    text = _canonical(inputs)
+    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "inputs": json.loads(text)}
+
+
+def _identity(dataset, root: str) -> dict[str, Any]:
+    files = "".join(f"{os.path.relpath(r.image_path, root)}\t{r.label}\n" for r in dataset.records)
+    return {"classes": list(dataset.class_names), "targets": sorted(dataset.target_keys), "size": len(dataset),
+            "files": hashlib.sha256(files.encode()).hexdigest()}
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        return {k: v for key, value in obj.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): obj}
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list) and len(value) > 4:
+        return f"[{', '.join(map(repr, value[:3]))}, … ({len(value)} items)]"
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]  # a digest
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "…"
+
+
+def _differences(recorded: Any, key: dict[str, Any]) -> str | None:
+    """``None`` if the recorded key is ``key``, else what differs (the first few inputs, one line)."""
+    if not isinstance(recorded, dict) or "sha256" not in recorded:
+        return "it records no key (written before artifacts recorded what determines them)"
+    if recorded["sha256"] == key["sha256"]:
+        return None
+    old, new = _flat(recorded.get("inputs", {})), _flat(key["inputs"])
+    absent = object()
+    diffs = [f"trained on {k} {_short(old.get(k))}, this run's is {_short(new.get(k))}" if k in UPSTREAM else
+             f"{k} was {_short(old.get(k))}, this config's is {_short(new.get(k))}"
+             for k in sorted(old.keys() | new.keys(), key=lambda k: (k not in UPSTREAM, k))
+             if old.get(k, absent) != new.get(k, absent)]
+    return "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+
+
+def _line(error: BaseException) -> str:
+    """An exception as one line."""
+    text = str(error.args[0]) if error.args else type(error).__name__
+    return " ".join(text.split())
+
+
+def _unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """``None`` if ``url`` answers a HEAD request, else why not."""
     try:
-        loader(path)
-        return True
-    except (ValueError, RuntimeError) as e:
-        aside = path.parent.with_name(f"{path.parent.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        path.parent.rename(aside)
-        _log(f"{path} is unusable or stale ({e}); moved its folder to {aside}, retraining")
-        return False
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return None
+    except OSError as e:  # URLError (no network, DNS) or an HTTP error
+        return " ".join(str(getattr(e, "reason", e)).split())
 
 
 def mtfc_method(model: MultiTaskModel):

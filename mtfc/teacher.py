@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -54,32 +55,55 @@ def build_teacher(arch: str = "resnet18", num_classes: int = 1000, weights: str 
     if weights is None:
         return model
     path = Path(weights)
-    if path.suffix in (".pt", ".pth") or path.exists():
+    if is_local_weights(weights):
         ckpt = load_checkpoint(path, TEACHER, plain_state_dict=True)
         if ckpt.get("arch", arch) != arch:
             raise CheckpointError(f"{path} holds a {ckpt['arch']} teacher, the config asks for {arch}: set "
                                   f"teacher.arch to {ckpt['arch']} or pass a {arch} checkpoint")
         model.load_state_dict(ckpt["state_dict"])
         return model
-    if arch not in models.list_models():
-        raise ValueError(f"torchvision has no pretrained weights for {arch}; pass a local checkpoint path or null")
-    enum = models.get_model_weights(arch)
+    entry = pretrained_weights(arch, str(weights))
     try:
-        state = enum[str(weights)].get_state_dict(progress=True) if str(weights) != "DEFAULT" else \
-            enum.DEFAULT.get_state_dict(progress=True)
-    except KeyError:
-        raise ValueError(f"unknown weights {weights!r} for {arch}; torchvision has {[w.name for w in enum]}") from None
-    except Exception as e:  # no network: say how to proceed instead of a socket traceback
-        raise RuntimeError(
-            f"could not fetch torchvision weights {arch}/{weights} ({e}). Offline, either put the file in "
-            f"torch's hub cache ({torch.hub.get_dir()}/checkpoints), pass a local checkpoint path as "
-            "`weights`, or train a teacher on the bundled dataset with `mtfc train-teacher`.") from e
+        state = entry.get_state_dict(progress=True)
+    except Exception as e:  # no network: one line saying how to proceed instead of a socket traceback
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot fetch torchvision weights {arch}/{entry.name} ({reason}): "
+                              f"{pretrained_fixes(entry)}") from e
     if num_classes != 1000:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         model.load_state_dict(state, strict=False)
     else:
         model.load_state_dict(state)
     return model
+
+
+def is_local_weights(weights: str | Path) -> bool:
+    """Whether ``teacher.weights`` names a file (``.pt``/``.pth`` or an existing path), not torchvision weights."""
+    return Path(weights).suffix in (".pt", ".pth") or Path(weights).exists()
+
+
+def pretrained_weights(arch: str, name: str) -> models.WeightsEnum:
+    """torchvision's weights ``name`` (or ``"DEFAULT"``) of ``arch``; ``ValueError`` if there are none."""
+    if arch not in models.list_models():
+        raise ValueError(f"torchvision has no pretrained weights for {arch}; set teacher.weights to a local "
+                         "checkpoint or to null (the teacher then trains on `data`)")
+    enum = models.get_model_weights(arch)
+    try:
+        return enum.DEFAULT if name == "DEFAULT" else enum[name]
+    except KeyError:
+        raise ValueError(f"unknown weights {name!r} for {arch}; torchvision has "
+                         f"{[w.name for w in enum]} (or DEFAULT)") from None
+
+
+def pretrained_cache_file(entry: models.WeightsEnum) -> Path:
+    """Where torchvision keeps (and looks for) the file of ``entry``: torch's hub cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(entry.url).path).name
+
+
+def pretrained_fixes(entry: models.WeightsEnum) -> str:
+    """The ways to a teacher when torchvision cannot fetch ``entry`` (offline)."""
+    return (f"download {entry.url} to {pretrained_cache_file(entry)}, set teacher.weights to a local checkpoint, "
+            "or set teacher.weights to null (the teacher then trains on `data`)")
 
 
 def save_teacher(model: nn.Module, arch: str, path: str | Path, **meta) -> None:

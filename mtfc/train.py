@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mtfc.codec import Codec, save_codec
 from mtfc.distill import feature_mse, gradcam, saliency_weights, select_taps
-from mtfc.engine import fit, seed_everything
+from mtfc.engine import clear_state, fit, seed_everything
 from mtfc.head import Distillation, Head
 from mtfc.metrics import ClassificationEvaluator
 from mtfc.model import MultiTaskModel, save_head
@@ -66,6 +66,8 @@ class BottleneckTask(nn.Module):
     error is weighted per position by the teacher's Grad-CAM saliency (:mod:`mtfc.distill`;
     FrankenSplit), mixed with uniform weights: ``(1 − saliency) + saliency · map``.
     """
+
+    frozen_modules = ("teacher",)
 
     def __init__(self, codec: Codec, teacher: nn.Module, beta: float, stages: Sequence[str] = STAGES,
                  optim: OptimSpec | None = None, aux_lr: float = 1e-2, entropy_lr: float | None = None,
@@ -142,6 +144,8 @@ class HeadTask(nn.Module):
     :class:`~mtfc.head.Distillation` with the batch's images and the adapters the head asked for.
     """
 
+    frozen_modules = ("codec", "teacher")
+
     def __init__(self, codec: Codec | None, head: Head, teacher: nn.Module | None = None,
                  optim: OptimSpec | None = None) -> None:
         super().__init__()
@@ -185,30 +189,36 @@ class HeadTask(nn.Module):
 
 
 # -- the three training stages as functions --------------------------------------------------------
-def _fit(task: nn.Module, train_set: Dataset, **kwargs: Any) -> dict[str, Any]:
+# Each takes the artifact's ``key`` (``{"sha256", "inputs"}``: what determines it, see
+# :meth:`mtfc.pipeline.Pipeline.key`), records it in the artifact and tags the engine's training
+# state with it; once the artifact is written the training state is deleted.
+def _fit(task: nn.Module, train_set: Dataset, key: dict[str, Any] | None, **kwargs: Any) -> dict[str, Any]:
     from mtfc.data import collate
 
-    return fit(task, train_set, **{"collate_fn": collate, **kwargs})  # the schedule: task.optim
+    tag = key["sha256"] if key is not None else None
+    return fit(task, train_set, **{"collate_fn": collate, "tag": tag, **kwargs})  # the schedule: task.optim
 
 
 def train_teacher(train_set: Dataset, val_set: Dataset | None, *, arch: str, num_classes: int,
                   out_dir: str | Path, weights: str | None = None, optim: OptimSpec | None = None,
-                  seed: int = 0, **fit_kwargs: Any) -> Path:
+                  seed: int = 0, key: dict[str, Any] | None = None, **fit_kwargs: Any) -> Path:
     """Train (or fine-tune from ``weights``) a teacher; returns the path of ``teacher.pt``.
 
     The random initialisation is drawn after seeding with ``seed``, so a run is reproducible."""
     out = Path(out_dir)
     seed_everything(seed)
     teacher = build_teacher(arch, num_classes, weights)
-    history = _fit(TeacherTask(teacher, optim), train_set, val_set=val_set, out_dir=out, seed=seed, **fit_kwargs)
-    save_teacher(teacher, arch, out / "teacher.pt", history=history)
+    history = _fit(TeacherTask(teacher, optim), train_set, key, val_set=val_set, out_dir=out, seed=seed, **fit_kwargs)
+    save_teacher(teacher, arch, out / "teacher.pt", history=history, key=key)
+    clear_state(out)
     return out / "teacher.pt"
 
 
 def train_bottleneck(train_set: Dataset, val_set: Dataset | None, teacher: nn.Module, *, arch: str,
                      beta: float, out_dir: str | Path, codec: dict[str, Any] | None = None, stages: Sequence[str] = STAGES,
                      select: int | None = None, saliency: float = 0.0, optim: OptimSpec | None = None,
-                     aux_lr: float = 1e-2, entropy_lr: float | None = None, seed: int = 0, **fit_kwargs: Any) -> Path:
+                     aux_lr: float = 1e-2, entropy_lr: float | None = None, seed: int = 0,
+                     key: dict[str, Any] | None = None, **fit_kwargs: Any) -> Path:
     """Stage 1 for one β: train (initialised after seeding with ``seed``), freeze and export
     ``codec.pt``; returns its path. With ``select`` = k the taps are not ``stages`` but the k chosen
     by :func:`choose_taps`."""
@@ -218,12 +228,14 @@ def train_bottleneck(train_set: Dataset, val_set: Dataset | None, teacher: nn.Mo
         stages = choose_taps(teacher, train_set, select)
     model = Codec(**{"out_channels": stage_channels(arch)["layer1"], **(codec or {})})
     task = BottleneckTask(model, teacher, beta, stages, optim, aux_lr, entropy_lr, saliency)
-    history = _fit(task, train_set, val_set=val_set, out_dir=out, seed=seed, **fit_kwargs)
+    history = _fit(task, train_set, key, val_set=val_set, out_dir=out, seed=seed, **fit_kwargs)
     aux = settle_quantiles(model)
     model.freeze()
     model.meta = {"beta": beta, "teacher_arch": arch, "stages": list(stages), "saliency": saliency,
-                  "history": history, "aux_loss": aux}
-    return save_codec(model, out / "codec.pt")
+                  "history": history, "aux_loss": aux, "key": key}
+    path = save_codec(model, out / "codec.pt")
+    clear_state(out)
+    return path
 
 
 @torch.no_grad()
@@ -282,7 +294,7 @@ def check_targets(head: Head, dataset: Dataset) -> None:
 
 def fit_head(head: Head, train_set: Dataset, *, codec: Codec | None, out_dir: str | Path,
              val_set: Dataset | None = None, teacher: nn.Module | None = None, optim: OptimSpec | None = None,
-             **fit_kwargs: Any) -> dict[str, Any]:
+             key: dict[str, Any] | None = None, **fit_kwargs: Any) -> dict[str, Any]:
     """Train ``head`` on ``codec``'s hard-quantized latent (``codec=None``: a reference head on pixels)
     with the engine; saves ``head.pt`` (with the codec's fingerprint) in ``out_dir``.
 
@@ -291,6 +303,7 @@ def fit_head(head: Head, train_set: Dataset, *, codec: Codec | None, out_dir: st
     out = Path(out_dir)
     check_targets(head, train_set)
     task = HeadTask(codec, head, teacher, optim)
-    history = _fit(task, train_set, val_set=val_set, out_dir=out, **fit_kwargs)
-    save_head(head, out / "head.pt", codec.fingerprint if codec is not None else None, history=history)
+    history = _fit(task, train_set, key, val_set=val_set, out_dir=out, **fit_kwargs)
+    save_head(head, out / "head.pt", codec.fingerprint if codec is not None else None, history=history, key=key)
+    clear_state(out)
     return history

@@ -57,3 +57,15 @@ def test_cli_reports_a_config_mistake_without_a_traceback(tmp_path, capsys):
     path.write_text(yaml.safe_dump({**MINIMAL, "teacher": {"arch": "resnet10", "epoch": 5}}))
     assert main(["run", str(path)]) == 2
     assert "teacher.epoch: did you mean 'epochs'" in capsys.readouterr().err
+
+
+def test_what_a_stage_makes_leaves_out_how_it_runs_and_its_data():
+    from mtfc.config import HeadConfig
+
+    head = HeadConfig(type="segmentation", num_workers=8, ckpt_every=5, val_every=2, data={"type": "voc"},
+                      kwargs={"decode_head": "aspp"})
+    assert head.what_it_makes() == {
+        "epochs": 1, "batch_size": 32, "max_steps": None, "amp": True,
+        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "cosine", "warmup": 0.05,
+                  "final_lr": 0.01, "clip_grad": None},
+        "type": "segmentation", "reference": "train", "distill": False, "kwargs": {"decode_head": "aspp"}}

@@ -268,3 +268,44 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert_same_params(ckpt["task"], ranks[0]["task"])
     assert not torch.equal(ckpt["ranks"][0]["rng"]["torch"], ckpt["ranks"][1]["rng"]["torch"])
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1  # only rank 0 writes
+
+
+class WithFrozenInput(TinyTask):
+    """TinyTask plus a frozen module it only reads (as a teacher): its weights are not training state."""
+
+    frozen_modules = ("teacher",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher = torch.nn.Linear(3, 3).requires_grad_(False)
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        out["loss"] = out["loss"] + 0.0 * self.teacher(self.centre[None]).sum()
+        return out
+
+
+def test_last_pt_leaves_the_frozen_modules_out_and_still_resumes_exactly(tmp_path):
+    full, _ = train(tmp_path / "full", WithFrozenInput())
+    saved = load_checkpoint(tmp_path / "full" / "last.pt")["task"]
+    assert sorted(saved) == sorted(k for k in full.state_dict() if not k.startswith("teacher."))
+    train(tmp_path / "cut", WithFrozenInput(), max_steps=3)
+    resumed, _ = train(tmp_path / "cut", WithFrozenInput())
+    assert_same_params(resumed.state_dict(), full.state_dict())
+
+
+def test_a_run_with_another_tag_is_not_resumed(tmp_path):
+    train(tmp_path, max_steps=2, tag="codec β=0.1 of config A")
+    with pytest.raises(ValueError) as e:
+        train(tmp_path, tag="codec β=0.1 of config B")
+    assert e.value.args[0] == (f"{tmp_path / 'last.pt'} is the training state of 'codec β=0.1 of config A', this "
+                               "run trains 'codec β=0.1 of config B'; pass resume=False or use another out_dir")
+
+
+def test_clear_state_removes_the_training_state(tmp_path):
+    from mtfc.engine import clear_state
+
+    train(tmp_path, max_steps=1)
+    clear_state(tmp_path)
+    assert not (tmp_path / "last.pt").exists()
+    clear_state(tmp_path)  # nothing to remove: no error

@@ -172,3 +172,23 @@ def test_distilled_heads_add_their_losses_and_train_their_adapters(shapes, task,
     if task_.adapters is not None:
         assert all(p.grad is not None for p in task_.adapters.parameters())
     assert all(p.grad is None for p in reference.parameters())
+
+
+def test_the_training_state_leaves_the_teacher_out_and_goes_once_the_codec_is_written(tmp_path, shapes_root):
+    from mtfc.checkpoint import load_checkpoint
+    from mtfc.codec import load_codec
+    from mtfc.engine import fit
+    from mtfc.train import train_bottleneck
+
+    teacher = build_teacher("resnet10", num_classes=3)
+    images = torch.utils.data.Subset(MultiTaskDataset(shapes_root, "train"), range(4))
+    task = BottleneckTask(Codec(latent_channels=4, hidden_channels=8, out_channels=64), teacher, beta=1.0)
+    fit(task, images, out_dir=tmp_path / "cut", epochs=1, batch_size=2, max_steps=1, collate_fn=collate, progress=False)
+    state = load_checkpoint(tmp_path / "cut" / "last.pt")["task"]
+    assert sorted(state) == sorted(k for k in task.state_dict() if not k.startswith("teacher."))
+    key = {"sha256": "0" * 64, "inputs": {"stage": "bottleneck"}}
+    path = train_bottleneck(images, None, teacher, arch="resnet10", beta=1.0, out_dir=tmp_path / "codec",
+                            codec={"latent_channels": 4, "hidden_channels": 8}, epochs=1, batch_size=2, max_steps=1,
+                            key=key, progress=False)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["codec.pt", "log.jsonl", "tb"]
+    assert load_codec(path).meta["key"] == key

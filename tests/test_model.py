@@ -105,6 +105,9 @@ def test_training_a_head_leaves_the_codec_bit_identical(tmp_path, shapes_root, f
     model = MultiTaskModel(codec)
     model.attach("cls", _build("classification", codec.latent_channels))
     train_head(model, "cls", train, out_dir=tmp_path / "h", epochs=1, batch_size=32, progress=False)
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["head.pt", "log.jsonl", "tb"]  # no last.pt
+    saved = torch.load(tmp_path / "h" / "head.pt", weights_only=True)["state_dict"]
+    assert saved.keys() == model.heads["cls"].state_dict().keys()  # the head's own weights only
     after = codec.state_dict()
     assert before_state.keys() == after.keys() and all(torch.equal(before_state[k], after[k]) for k in after)
     assert codec.encode(image) == before_bytes and codec.fingerprint == frozen_codec.fingerprint
@@ -123,3 +126,36 @@ def test_classification_fine_tune_learns_from_the_latent(tmp_path, shapes_root, 
     losses = [e["train"]["loss"] for e in history["epochs"]]
     assert losses[-1] < 0.1 * losses[0]
     assert history["val"]["top1"] > 100 / 3 + 25, history["val"]
+
+
+def test_a_checkpoint_never_chooses_what_gets_imported(tmp_path, monkeypatch, frozen_codec, capsys):
+    """A head checkpoint names its type and the module that defined it; mtfc imports that module only
+    when the operator asks (``imports:``, ``--import``, entry points), and says which flag to pass."""
+    import sys
+
+    from mtfc.checkpoint import HEAD, load_checkpoint, save_checkpoint
+    from mtfc.cli import main
+    from mtfc.codec import save_codec
+    from mtfc.model import save_head
+
+    (tmp_path / "evilmod.py").write_text("from pathlib import Path\nPath(__file__).with_name('ran').touch()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    codec = save_codec(frozen_codec, tmp_path / "codec.pt")
+    path = save_head(_build("classification", frozen_codec.latent_channels), tmp_path / "head.pt", frozen_codec.fingerprint)
+    ckpt = load_checkpoint(path, HEAD)
+    ckpt["spec"].update(type="evil", module="evilmod")
+    save_checkpoint(path, HEAD, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    message = (f"{path}: head type 'evil' is not registered; it was defined in module 'evilmod', which mtfc imports "
+               "only when you ask: pass `--import evilmod` (mtfc serve, mtfc loadtest), list it under `imports:` in "
+               "the config, or declare it as an `mtfc.heads` entry point")
+    with pytest.raises(mtfc.CheckpointError) as e:
+        load_head(path, frozen_codec.fingerprint)
+    assert e.value.args[0] == message
+    assert main(["serve", str(codec), "--head", f"evil={path}"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == f"mtfc serve: error: {message}"
+    assert not (tmp_path / "ran").exists() and "evilmod" not in sys.modules
+    ckpt["spec"]["type"] = "classification.evilmod"  # a dotted type is no module path either
+    save_checkpoint(path, HEAD, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    with pytest.raises(mtfc.CheckpointError, match="head type 'classification.evilmod' is not registered"):
+        load_head(path, frozen_codec.fingerprint)
