@@ -54,8 +54,12 @@ class DataConfig:
     dir: str | None = None
     img_dir: str | None = None
     ann_dir: str | None = None
+    strict: bool | None = None        # true: a degenerate annotation is an error instead of a counted warning
+    on_corrupt: str | None = None     # "error" (default) | "skip": an unreadable image or label map
 
 
+#: Data settings that hold for any dataset type; a stage whose ``data`` names another type inherits only these.
+DATA_GENERIC = ("augment", "strict", "on_corrupt")
 #: Stage settings that change how a stage runs, not what it makes: left out of its artifact's key.
 HOW_IT_RUNS = ("num_workers", "ckpt_every", "val_every")
 #: Data settings that say where a dataset's files are: an artifact's key records the dataset's

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from mtfc.checkpoint import TEACHER, TRAIN_STATE, CheckpointError, load_checkpoint
 from mtfc.codec import Codec, load_codec
-from mtfc.config import DATA_LOCATION, Config, StageConfig
+from mtfc.config import DATA_GENERIC, DATA_LOCATION, Config, StageConfig
 from mtfc.engine import seed_everything
 from mtfc.head import HEADS, Head, HeadContext
 from mtfc.model import MultiTaskModel, read_head_checkpoint
@@ -96,9 +96,13 @@ class Pipeline:
 
     # -- helpers ---------------------------------------------------------------------------------
     def data_cfg(self, stage: StageConfig | None = None) -> dict[str, Any]:
-        """The dataset config of a stage: its own ``data`` merged over the top-level one."""
+        """The dataset config of a stage: its own ``data`` merged over the top-level one (only the
+        type-independent keys, :data:`~mtfc.config.DATA_GENERIC`, when the stage names another type)."""
         base = {k: v for k, v in dataclasses.asdict(self.cfg.data).items() if k != "generate" and v is not None}
-        return {**base, **((stage.data if stage is not None else None) or {})}
+        own = (stage.data if stage is not None else None) or {}
+        if own.get("type", base["type"]) != base["type"]:
+            base = {k: v for k, v in base.items() if k in DATA_GENERIC}
+        return {**base, **own}
 
     def dataset(self, stage: StageConfig | None, split: str, train: bool):
         from mtfc.data import build_dataset

@@ -101,3 +101,12 @@ def test_an_artifact_trained_with_another_config_is_moved_aside_and_retrained(ru
     assert load_codec(copy / "bottleneck/beta_0.1/codec.pt").meta["saliency"] == 0.5
     pipe.train_heads()  # the heads of the old codec no longer fit: retrained on the new one
     assert capsys.readouterr().out.count("trained on codec") == 3
+
+
+def test_a_stage_of_another_data_type_inherits_only_type_independent_keys():
+    cfg = load_config("configs/real.yaml", ["data.strict=true", "data.augment={hflip: true}"])
+    pipe = Pipeline(cfg)
+    assert pipe.data_cfg(cfg.heads["detection"]) == {
+        "type": "coco", "root": "/datasets/coco", "image_size": 512, "augment": {"hflip": True}, "strict": True}
+    assert pipe.data_cfg(None) == {"type": "imagenet", "root": "/datasets/imagenet", "image_size": 224,
+                                   "augment": {"hflip": True}, "strict": True}
