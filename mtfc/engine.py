@@ -133,14 +133,22 @@ def _gather(obj: Any, world_size: int) -> list[Any]:
     return out
 
 
-def _epoch_indices(train_set: Dataset, epoch: int, seed: int, rank: int, world_size: int) -> list[int]:
+def _epoch_indices(train_set: Dataset, epoch: int, seed: int, rank: int, world_size: int,
+                   batch_size: int) -> list[int]:
     """This rank's sample order for ``epoch``: a pure function of (seed, epoch), so resume can skip into it."""
     if world_size > 1:
         sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         sampler.set_epoch(epoch)
     else:
         sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))
-    return list(sampler)
+    return list(sampler)[:_samples_per_epoch(train_set, world_size, batch_size)]
+
+
+def _samples_per_epoch(train_set: Dataset, world_size: int, batch_size: int) -> int:
+    """Samples one rank trains on per epoch: all of its share, less one when that one would be a batch
+    on its own (BatchNorm cannot train on one sample, e.g. ASPP's pooled branch; a dataset of N·B + 1)."""
+    n = math.ceil(len(train_set) / world_size)
+    return n - 1 if n > 1 and n % batch_size == 1 else n
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -294,7 +302,7 @@ class _Loop:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(math.ceil(len(self.train_set) / self.world_size) / self.batch_size)
+        return math.ceil(_samples_per_epoch(self.train_set, self.world_size, self.batch_size) / self.batch_size)
 
     @property
     def total_steps(self) -> int:
@@ -357,7 +365,7 @@ class _Loop:
         """The rest of the current epoch (or up to ``max_steps``), checkpointing every ``ckpt_every``
         steps; returns the images seen and the start time."""
         s = self.state
-        indices = _epoch_indices(self.train_set, s.epoch, self.seed, self.rank, self.world_size)
+        indices = _epoch_indices(self.train_set, s.epoch, self.seed, self.rank, self.world_size, self.batch_size)
         loader = DataLoader(self.train_set, batch_size=self.batch_size,
                             sampler=indices[s.step_in_epoch * self.batch_size:], collate_fn=self.collate_fn,
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",

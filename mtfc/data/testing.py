@@ -182,8 +182,8 @@ def _voc_palette() -> list[int]:
 
 
 def write_ade20k(root: Path) -> Path:
-    """ADEChallengeData2016 under ``root``: one image per split."""
-    for split, folder, index in (("train", "training", 1), ("val", "validation", 1)):
+    """ADEChallengeData2016 under ``root``: two training images, one validation image."""
+    for split, folder, index in (("train", "training", 1), ("train", "training", 2), ("val", "validation", 1)):
         name = f"ADE_{split}_{index:08d}"
         _write_kind(root / "images" / folder / f"{name}.jpg", "rgb", index, (24, 16))
         path = root / "annotations" / folder / f"{name}.png"
