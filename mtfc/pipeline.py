@@ -264,8 +264,7 @@ class Pipeline:
             val_set = self.dataset(heads[names[0]], "val", train=False)
             cache = RoundTripCache(self.out / "cache" / "baselines", _dataset_key(key), points)
             loader = DataLoader(RoundTripDataset(val_set, cache), batch_size=ev.batch_size, collate_fn=collate_coded,
-                                num_workers=(os.cpu_count() or 1) if ev.num_workers is None else ev.num_workers,
-                                pin_memory=device.type == "cuda")
+                                num_workers=(os.cpu_count() or 1) if ev.num_workers is None else ev.num_workers)
             refs = {n: self.reference_head(n, teacher, val_set).to(device).eval() for n in names}
             metrics = {n: h.metric for n, h in refs.items()}
             directions = {n: h.metric_direction for n, h in refs.items()}
@@ -287,13 +286,13 @@ class Pipeline:
                  f"{len(points)} baseline settings ({min(cached, len(val_set))} images' baselines cached)")
             try:
                 for batch in tqdm(loader, desc=f"evaluate {', '.join(names)}", unit="batch"):
-                    images, targets = batch.images.to(device, non_blocking=True), batch.targets
+                    images, targets = batch.images.to(device), batch.targets
                     size = tuple(images.shape[-2:])
                     for predict, score in models.values():
                         score.add(predict(images, targets), targets, size)
                     for point, score in baselines.items():
                         rt = batch.roundtrips[point]
-                        decoded = rt.images.to(device, non_blocking=True).float().div_(255)
+                        decoded = rt.images.to(device).float().div_(255)
                         preds = {n: h.predict(decoded, targets) for n, h in refs.items()}
                         score.add(BatchResult(preds, rt.num_bytes, rt.encode_s, rt.decode_s), targets, size)
                     raw.add(BatchResult({n: h.predict(images, targets) for n, h in refs.items()}, raw_rgb_bytes(images),
