@@ -493,3 +493,12 @@ def test_cache_written_by_other_versions_is_not_used(tmp_path):
     assert RoundTripCache(tmp_path, "k", POINTS[:1]).entries[POINTS[0]] == {}
     with pytest.raises(ValueError, match="unknown codec 'png'"):
         RoundTripCache(tmp_path, "k", [("png", 50)])
+
+
+def test_reference_rate_table_without_a_usable_curve_or_reference():
+    rows = _near_rows()
+    rows[3]["metric"] = rows[4]["metric"] = float("nan")  # jpeg on cls
+    table = {(e["task"], e["method"]): e for e in reference_rate_table(rows)}
+    assert (table[("cls", "jpeg")]["bpp"], table[("cls", "jpeg")]["status"]) == (None, "n/a")
+    rows[6]["metric"] = float("nan")  # the cls reference
+    assert {e["task"] for e in reference_rate_table(rows)} == {"count"}

@@ -161,11 +161,12 @@ def reference_rate_table(rows: Sequence[Mapping[str, Any]], *, anchor_method: st
     """Per task and method: the bpp needed to stay within ``tolerance`` metric points of the
     ``reference_method`` (target = reference − tolerance, or + when lower is better), read off the
     method's curve with :func:`~mtfc.evaluation.bdrate.rate_at_metric` (``status``: interpolated,
-    at most, not reached), ``anchor_method`` first. Tasks without one reference row are left out."""
+    at most, not reached; n/a for a curve without finite points), ``anchor_method`` first. Tasks
+    without one finite reference row are left out."""
     table = []
     for task, task_rows in _check_rows(rows).items():
         refs = _curve(task_rows, reference_method)
-        if len(refs) != 1:
+        if len(refs) != 1 or not math.isfinite(float(refs[0]["metric"])):
             continue
         higher = _higher_is_better(task_rows)
         reference = float(refs[0]["metric"])
@@ -174,7 +175,11 @@ def reference_rate_table(rows: Sequence[Mapping[str, Any]], *, anchor_method: st
             if method == reference_method:
                 continue
             curve = _curve(task_rows, method)
-            bpp, status = rate_at_metric([r["bpp_mean"] for r in curve], [r["metric"] for r in curve], target, higher)
+            try:
+                bpp, status = rate_at_metric([r["bpp_mean"] for r in curve], [r["metric"] for r in curve], target,
+                                             higher)
+            except ValueError:  # a NaN metric or a zero rate: no curve to read
+                bpp, status = None, "n/a"
             table.append({"task": task, "metric_name": task_rows[0]["metric_name"],
                           "metric_direction": "higher" if higher else "lower", "reference_metric": reference,
                           "target_metric": target, "method": method, "bpp": bpp, "status": status})
