@@ -5,9 +5,10 @@ mtfc rate counts the whole bitstream container. Encoder settings are Pillow's de
 ``quality`` (JPEG: 4:2:0 chroma subsampling, baseline; WebP: ``method=4``; AVIF: Pillow's speed).
 
 An evaluation needs every baseline setting on every validation image, for every head and every
-rerun: :class:`RoundTripCache` keeps the encoded files on disk, and :class:`RoundTripDataset` hands
-out each image with all its round trips, so that the encoding and decoding run in the DataLoader's
-worker processes (every core) and once per image for all heads.
+rerun: :class:`RoundTripCache` keeps the encoded files on disk (a file is a few percent of its
+decoded image, and decoding it again costs a fraction of encoding it), and :class:`RoundTripDataset`
+hands out each image with all its round trips, so that the coding runs in the DataLoader's worker
+processes, in parallel, once per image for all heads.
 """
 from __future__ import annotations
 
@@ -169,8 +170,8 @@ class RoundTripCache:
 
     def save(self) -> None:
         """Write the settings that got new entries (atomically: a file is whole or absent)."""
-        self.root.mkdir(parents=True, exist_ok=True)
         for point in sorted(self._changed):
+            self.root.mkdir(parents=True, exist_ok=True)
             path = self.paths[point]
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save({"header": self._header(point), "entries": self.entries[point]}, tmp)
@@ -186,7 +187,7 @@ def pixel_digest(pixels: np.ndarray) -> str:
 class RoundTripDataset(Dataset):
     """``dataset``'s ``(image, target)`` items with the image's round trip through every setting of
     ``cache``: a cached file is decoded, a missing one encoded (and handed back for the cache).
-    Batch it with :func:`collate_coded`; in a DataLoader's workers this runs on every core."""
+    Batch it with :func:`collate_coded`; in a DataLoader's workers the images are coded in parallel."""
 
     def __init__(self, dataset: Any, cache: RoundTripCache) -> None:
         self.dataset, self.cache = dataset, cache
