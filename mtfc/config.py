@@ -126,9 +126,12 @@ class HeadConfig(StageConfig):
 
 @dataclass
 class EvaluationConfig:
-    """``baselines``: Pillow codec → qualities swept (jpeg, webp, avif)."""
+    """``baselines``: Pillow codec → qualities swept (jpeg, webp, avif); their files are cached under
+    ``<out_dir>/cache/baselines``. ``num_workers``: DataLoader workers, which also encode and decode
+    the baselines (``null``: one per CPU core; 0: in the main process)."""
 
     batch_size: int = 32
+    num_workers: int | None = None
     baselines: dict[str, list[int]] = field(default_factory=dict)
 
 

@@ -70,6 +70,8 @@ class Head(nn.Module):
 
     task: str = ""
     metric: str = ""
+    #: whether a larger ``metric`` is better (``"higher"``: accuracy, AP, mIoU) or a smaller one (``"lower"``: MAE)
+    metric_direction: str = "higher"
     required_targets: tuple[str, ...] = ()
 
     @classmethod

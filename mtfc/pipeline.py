@@ -467,40 +467,76 @@ class Pipeline:
 
     @torch.no_grad()
     def evaluate(self) -> list[dict[str, Any]]:
-        """Rate–accuracy rows for mtfc at every β, every image-codec baseline and the uncompressed reference."""
-        from mtfc.data import collate
-        from mtfc.evaluation.baselines import available_codecs, codec_method, uncompressed_method
-        from mtfc.evaluation.runner import evaluate_method
+        """Rate–accuracy rows for mtfc at every β, every image-codec baseline and the uncompressed reference.
 
-        ev = self.cfg.evaluation
-        heads = self.cfg.heads
+        Every model runs on ``self.device``. Heads that share a validation set share one pass over it:
+        each image is loaded once, encoded and decoded once per codec (each β, each baseline setting)
+        and every head runs on that. The baselines' files come from the on-disk cache
+        (:class:`~mtfc.evaluation.baselines.RoundTripCache`) or are encoded in the DataLoader's workers.
+        """
+        import os
+
+        from tqdm.auto import tqdm
+
+        from mtfc.evaluation.baselines import RoundTripCache, RoundTripDataset, available_codecs, collate_coded
+        from mtfc.evaluation.runner import BatchResult, Scorer, raw_rgb_bytes
+
+        ev, heads, device = self.cfg.evaluation, self.cfg.heads, torch.device(self.device)
+        if ev.num_workers is not None and ev.num_workers < 0:
+            raise ValueError(f"evaluation.num_workers must be 0 or more (or null: one per CPU core), got {ev.num_workers}")
+        points = []
+        for codec, qualities in ev.baselines.items():
+            if codec not in available_codecs():
+                _log(f"evaluate: {codec} is not supported by this Pillow build, skipped")
+                continue
+            points += [(codec, q) for q in qualities]
         groups: dict[str, list[str]] = {}  # heads sharing a validation set share one encode per image
         for name, spec in heads.items():
             groups.setdefault(yaml.safe_dump(self.data_cfg(spec), sort_keys=True), []).append(name)
-        teacher = self.teacher_model()
+        teacher = self.teacher_model().to(device)
         rows = []
-        for names in groups.values():
+        for key, names in groups.items():
             val_set = self.dataset(heads[names[0]], "val", train=False)
-            loader = DataLoader(val_set, batch_size=ev.batch_size, collate_fn=collate)
-            refs = {n: self.reference_head(n, teacher, val_set) for n in names}
+            cache = RoundTripCache(self.out / "cache" / "baselines", _dataset_key(key), points)
+            loader = DataLoader(RoundTripDataset(val_set, cache), batch_size=ev.batch_size, collate_fn=collate_coded,
+                                num_workers=(os.cpu_count() or 1) if ev.num_workers is None else ev.num_workers)
+            refs = {n: self.reference_head(n, teacher, val_set).to(device).eval() for n in names}
             metrics = {n: h.metric for n, h in refs.items()}
+            directions = {n: h.metric_direction for n, h in refs.items()}
+
+            def scorer(method: str, rate_point: Any, on: dict[str, Head]) -> Scorer:
+                return Scorer({n: h.build_evaluator(val_set) for n, h in on.items()}, method=method,
+                              rate_point=rate_point, metrics=metrics, directions=directions)
+
+            models = {}
             for beta in self.betas():
                 model = MultiTaskModel(load_codec(self.codec_path(beta)))
                 for name in names:
                     model.load_head(name, self.head_path(beta, name))
-                evaluators = {n: h.build_evaluator(val_set) for n, h in model.heads.items()}
-                rows += evaluate_method(mtfc_method(model.eval()), loader, evaluators, method="mtfc",
-                                        rate_point=beta, metrics=metrics)
-            evaluators = {n: h.build_evaluator(val_set) for n, h in refs.items()}
-            for codec, qualities in ev.baselines.items():
-                if codec not in available_codecs():
-                    _log(f"evaluate: {codec} is not supported by this Pillow build, skipped")
-                    continue
-                for q in qualities:
-                    rows += evaluate_method(codec_method(codec, q, refs), loader, evaluators, method=codec,
-                                            rate_point=q, metrics=metrics)
-            rows += evaluate_method(uncompressed_method(refs), loader, evaluators, method="uncompressed",
-                                    rate_point="raw", metrics=metrics)
+                models[beta] = (mtfc_method(model.to(device).eval()), scorer("mtfc", beta, model.heads))
+            baselines = {point: scorer(*point, refs) for point in points}
+            raw = scorer("uncompressed", "raw", refs)
+            cached = min((len(cache.entries[p]) for p in points), default=0)
+            _log(f"evaluate {', '.join(names)} on {device}: {len(val_set)} images through {len(models)} codecs and "
+                 f"{len(points)} baseline settings ({min(cached, len(val_set))} images' baselines cached)")
+            try:
+                for batch in tqdm(loader, desc=f"evaluate {', '.join(names)}", unit="batch"):
+                    images, targets = batch.images.to(device), batch.targets
+                    size = tuple(images.shape[-2:])
+                    for predict, score in models.values():
+                        score.add(predict(images, targets), targets, size)
+                    for point, score in baselines.items():
+                        rt = batch.roundtrips[point]
+                        decoded = rt.images.to(device).float().div_(255)
+                        preds = {n: h.predict(decoded, targets) for n, h in refs.items()}
+                        score.add(BatchResult(preds, rt.num_bytes, rt.encode_s, rt.decode_s), targets, size)
+                    raw.add(BatchResult({n: h.predict(images, targets) for n, h in refs.items()}, raw_rgb_bytes(images),
+                                        0.0, 0.0), targets, size)
+                    cache.add(batch.new)
+            finally:
+                cache.save()  # an interrupted evaluation keeps the baselines it encoded
+            rows += [row for _, score in models.values() for row in score.rows()]
+            rows += [row for score in [*baselines.values(), raw] for row in score.rows()]
         return rows
 
     def report(self, rows: list[dict[str, Any]], command: str | None = None) -> dict[str, Path]:
@@ -609,6 +645,13 @@ def _unreachable(url: str, timeout: float = 5.0) -> str | None:
         return " ".join(str(getattr(e, "reason", e)).split())
 
 
+def _dataset_key(data_cfg_yaml: str) -> str:
+    """A short name for a validation set's config (its baselines' cache files carry it)."""
+    import hashlib
+
+    return hashlib.sha1(f"val\n{data_cfg_yaml}".encode()).hexdigest()[:12]
+
+
 def mtfc_method(model: MultiTaskModel):
     """``predict_fn`` for :func:`~mtfc.evaluation.runner.evaluate_method`: encode each image once, decode
     once, run every attached head on the decoded latent; rate = the bitstreams' real size."""
@@ -619,6 +662,8 @@ def mtfc_method(model: MultiTaskModel):
         streams = model.codec.encode(images)
         t1 = time.perf_counter()
         latent = model.codec.decode(streams)
+        if latent.is_cuda:  # the decode's last kernels finish before the clock stops
+            torch.cuda.synchronize(latent.device)
         t2 = time.perf_counter()
         preds = {name: head.predict(latent, targets) for name, head in model.heads.items()}
         return BatchResult(preds, [len(s) for s in streams], t1 - t0, t2 - t1)

@@ -5,15 +5,21 @@ import csv
 import io
 import json
 import math
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from mtfc.evaluation import (BatchResult, available_codecs, bd_metric, bd_rate, bd_rate_table, bits_per_pixel,
-                             codec_method, collect_provenance, evaluate_method, roundtrip, uncompressed_method,
-                             upper_envelope, write_report)
+from torch.utils.data import DataLoader
+
+from mtfc.evaluation import (BatchResult, Scorer, available_codecs, bd_metric, bd_rate, bd_rate_table, bits_per_pixel,
+                             codec_method, collect_provenance, evaluate_method, rate_at_metric, reference_rate_table,
+                             roundtrip, uncompressed_method, upper_envelope, write_report)
+from mtfc.evaluation import baselines
+from mtfc.evaluation.baselines import RoundTripCache, RoundTripDataset, collate_coded
+from mtfc.evaluation.report import git_state
 
 RATE = [0.1, 0.2, 0.4, 0.8, 1.6]
 ACC = [0.42, 0.55, 0.63, 0.68, 0.70]
@@ -292,3 +298,207 @@ def test_report_errors(tmp_path):
     entry = {b["baseline"]: b for b in bd_rate_table(_rows() + far)}["far"]
     assert entry["bd_rate_percent"] < -90 and entry["bd_metric"] is None
     assert entry["note"].startswith("bd_metric (anchor far, test mtfc): the curves do not overlap in log-rate")
+
+
+# ------------------------------------------------------------------------------- lower-is-better metrics
+MAE = [3.0, 2.2, 1.7, 1.4, 1.3]  # an error (a counting head's MAE): lower is better
+
+
+def test_envelope_of_a_lower_is_better_metric_keeps_the_low_errors():
+    rate, metric = upper_envelope([0.4, 0.1, 0.3, 0.2, 0.5], [1.0, 3.0, 0.9, 2.0, 1.0], higher_is_better=False)
+    assert rate.tolist() == [0.1, 0.2, 0.3] and metric.tolist() == [3.0, 2.0, 0.9]
+    # read as higher-is-better, every dearer point would be "dominated"
+    assert upper_envelope(RATE, MAE)[0].tolist() == [0.1]
+
+
+def test_bd_of_a_lower_is_better_metric():
+    assert bd_rate(RATE, MAE, [0.8 * r for r in RATE], MAE, higher_is_better=False) == pytest.approx(-20.0, abs=1e-9)
+    neg = [-m for m in MAE]
+    test_rate, test_mae = [0.07, 0.15, 0.3, 0.6, 1.2], [2.9, 2.1, 1.6, 1.35, 1.25]
+    assert bd_rate(RATE, MAE, test_rate, test_mae, higher_is_better=False) == \
+        bd_rate(RATE, neg, test_rate, [-m for m in test_mae])
+    # BD-metric stays in metric units: test − anchor, negative = fewer errors
+    assert bd_metric(RATE, MAE, test_rate, test_mae, higher_is_better=False) == \
+        pytest.approx(-bd_metric(RATE, neg, test_rate, [-m for m in test_mae]), abs=1e-15)
+    rate = np.geomspace(0.05, 2.0, 6)
+    mae = 2.0 - 0.3 * np.log(rate)
+    assert bd_metric(rate, mae, rate, mae - 0.1, higher_is_better=False) == pytest.approx(-0.1, abs=1e-12)
+
+
+# ------------------------------------------------------------------------- rate to reach a given metric
+def test_rate_at_metric_known_answers():
+    # two points: log-rate linear in the metric between them
+    assert rate_at_metric([0.1, 0.4], [60.0, 70.0], 69.5) == (pytest.approx(0.1 * 4**0.95, rel=1e-12), "interpolated")
+    # metric = 60 + 5 log2(r / 0.1) through 4 points (PCHIP reproduces a straight line), one dominated point
+    rate, metric = [0.1, 0.4, 1.6, 6.4, 3.0], [60.0, 70.0, 80.0, 90.0, 75.0]
+    assert rate_at_metric(rate, metric, 71.0) == (pytest.approx(0.1 * 2**2.2, rel=1e-12), "interpolated")
+    assert rate_at_metric(rate, metric, 80.0) == (pytest.approx(1.6, rel=1e-12), "interpolated")
+    assert rate_at_metric(rate, metric, 55.0) == (0.1, "at most")
+    assert rate_at_metric(rate, metric, 60.0) == (0.1, "at most")
+    assert rate_at_metric(rate, metric, 90.5) == (None, "not reached")
+    assert rate_at_metric([0.3], [50.0], 49.0) == (0.3, "at most")
+    assert rate_at_metric([0.3], [50.0], 51.0) == (None, "not reached")
+    # lower is better: MAE 3.0 at 0.1 bpp, 1.0 at 0.4 bpp; reaching 1.5 takes 3/4 of the log-rate step
+    assert rate_at_metric([0.1, 0.4], [3.0, 1.0], 1.5, higher_is_better=False) == \
+        (pytest.approx(0.1 * 4**0.75, rel=1e-12), "interpolated")
+    assert rate_at_metric([0.1, 0.4], [3.0, 1.0], 0.9, higher_is_better=False) == (None, "not reached")
+
+
+def test_rate_at_metric_is_the_pchip_that_bd_rate_integrates():
+    interpolate = pytest.importorskip("scipy.interpolate")
+    rate, metric = [0.05, 0.1, 0.3, 0.5, 1.5], [40.0, 55.0, 58.0, 66.0, 67.0]
+    fit = interpolate.PchipInterpolator(metric, np.log(rate))
+    for target in (41.0, 56.5, 60.0, 66.9):
+        bpp, status = rate_at_metric(rate, metric, target)
+        assert status == "interpolated" and bpp == pytest.approx(math.exp(fit(target)), rel=1e-12)
+
+
+def _near_rows():
+    rows = [_row("mtfc", b, "cls", m, r, "top1") for b, r, m in zip([1, 2, 3], [0.1, 0.4, 1.6], [60.0, 70.0, 80.0])]
+    rows += [_row("jpeg", q, "cls", m, r, "top1") for q, r, m in zip([10, 90], [0.5, 2.0], [50.0, 65.0])]
+    rows += [_row("webp", 75, "cls", 75.0, 0.05, "top1"), _row("uncompressed", "raw", "cls", 72.0, 24.0, "top1")]
+    count = [_row("mtfc", b, "count", m, r, "MAE") for b, r, m in zip([1, 2], [0.1, 0.4], [3.0, 1.0])]
+    count += [_row("jpeg", q, "count", m, r, "MAE") for q, r, m in zip([10, 90], [0.2, 0.8], [2.5, 2.0])]
+    count.append(_row("uncompressed", "raw", "count", 0.5, 24.0, "MAE"))
+    for r in count:
+        r["metric_direction"] = "lower"
+    return rows + count
+
+
+def test_reference_rate_table_known_answers(tmp_path):
+    table = reference_rate_table(_near_rows())
+    got = {(e["task"], e["method"]): (e["bpp"], e["status"]) for e in table}
+    assert got == {("cls", "mtfc"): (pytest.approx(0.1 * 2**2.2, rel=1e-12), "interpolated"),
+                   ("cls", "jpeg"): (None, "not reached"), ("cls", "webp"): (0.05, "at most"),
+                   ("count", "mtfc"): (pytest.approx(0.1 * 4**0.75, rel=1e-12), "interpolated"),
+                   ("count", "jpeg"): (None, "not reached")}
+    assert [e["method"] for e in table if e["task"] == "cls"] == ["mtfc", "jpeg", "webp"]
+    cls, count = table[0], table[-1]
+    assert (cls["reference_metric"], cls["target_metric"], cls["metric_direction"]) == (72.0, 71.0, "higher")
+    assert (count["reference_metric"], count["target_metric"], count["metric_direction"]) == (0.5, 1.5, "lower")
+    assert reference_rate_table(_near_rows(), tolerance=2.0)[0]["bpp"] == pytest.approx(0.1 * 2**2.0, rel=1e-12)
+    assert reference_rate_table([r for r in _near_rows() if r["method"] != "uncompressed"]) == []
+
+    paths = write_report(_near_rows(), tmp_path, provenance=collect_provenance(config=None, seed=0, device="cpu"))
+    with open(paths["within_reference"], newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [(r["task"], r["method"], r["status"]) for r in csv_rows] == [
+        ("cls", "mtfc", "interpolated"), ("cls", "jpeg", "not reached"), ("cls", "webp", "at most"),
+        ("count", "mtfc", "interpolated"), ("count", "jpeg", "not reached")]
+    assert float(csv_rows[0]["bpp"]) == pytest.approx(0.1 * 2**2.2, rel=1e-12) and csv_rows[1]["bpp"] == ""
+    md = paths["markdown"].read_text()
+    assert md.index("within 1 point of uncompressed") < md.index("## BD-rate")
+    assert "| task | metric | uncompressed | target | mtfc | jpeg | webp |" in md
+    assert f"| cls | top1 (higher is better) | 72 | 71 | {0.1 * 2**2.2:.4g} | not reached | ≤ 0.05 |" in md
+    assert f"| count | MAE (lower is better) | 0.5 | 1.5 | {0.1 * 4**0.75:.4g} | not reached | n/a |" in md
+    assert "## count (MAE, lower is better)" in md
+    # the count head's better (lower) points make its curve: a BD-rate exists
+    bd = {(b["task"], b["baseline"]): b for b in json.loads(paths["json"].read_text())["bd_rate"]}
+    assert bd[("count", "jpeg")]["note"] == ""
+    assert bd[("count", "jpeg")]["bd_rate_percent"] == pytest.approx(
+        bd_rate([0.2, 0.8], [2.5, 2.0], [0.1, 0.4], [3.0, 1.0], higher_is_better=False))
+    assert json.loads(paths["json"].read_text())["rows"][-1]["metric_direction"] == "lower"
+
+
+def test_scorer_direction_and_rows():
+    scorer = Scorer({"cls": Top1()}, method="m", rate_point=1, directions={"cls": "lower"})
+    scorer.add(BatchResult({"cls": [0, 0]}, [10, 30], 0.5, 0.25), [{"label": 0}, {"label": 1}], (4, 5))
+    row = scorer.rows()[0]
+    assert row["metric_direction"] == "lower" and row["metric"] == 0.5 and row["bpp_mean"] == 8 * 20 / 20
+    assert row["encode_ms"] == 250.0 and row["decode_ms"] == 125.0
+    with pytest.raises(ValueError, match="metric_direction must be one of"):
+        Scorer({"cls": Top1()}, method="m", rate_point=1, directions={"cls": "up"})
+    with pytest.raises(ValueError, match=r"metric_direction \['higher', 'lower'\]"):
+        bd_rate_table(_near_rows() + [_row("webp", 5, "count", 4.0, 0.01, "MAE")])
+
+
+# ---------------------------------------------------------------------------------------- provenance
+def test_provenance_records_the_git_commit_and_a_dirty_tree(tmp_path):
+    assert git_state(tmp_path) is None
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    sha = git("rev-parse", "HEAD").strip()
+    assert git_state(tmp_path) == {"commit": sha, "dirty": False}
+    (tmp_path / "new.txt").write_text("untracked files do not count\n")
+    assert git_state(tmp_path) == {"commit": sha, "dirty": False}
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_state(tmp_path) == {"commit": sha, "dirty": True}
+
+    prov = {**collect_provenance(config=None, seed=0, device="cpu"), "git": {"commit": sha, "dirty": True}}
+    md = write_report(_rows(), tmp_path / "out", provenance=prov)["markdown"].read_text()
+    assert f"- git: {sha} (dirty: uncommitted changes to tracked files)" in md
+    prov["git"] = None
+    assert "- git: not a git checkout" in write_report(_rows(), tmp_path / "out", provenance=prov)["markdown"].read_text()
+
+
+# ------------------------------------------------------------------------------------ baseline cache
+POINTS = [("jpeg", 50), ("webp", 10)]
+
+
+def _dataset(seed: int = 0):
+    images = torch.rand(5, 3, 32, 48, generator=torch.Generator().manual_seed(seed))
+    return [(image, {"label": i}) for i, image in enumerate(images)]
+
+
+def _batches(dataset, cache, num_workers=0):
+    loader = DataLoader(RoundTripDataset(dataset, cache), batch_size=2, collate_fn=collate_coded, num_workers=num_workers)
+    return list(loader)
+
+
+def test_roundtrip_dataset_matches_roundtrip_and_the_cache_serves_reruns(tmp_path, monkeypatch):
+    data = _dataset()
+    cache = RoundTripCache(tmp_path, "abc", POINTS)
+    first = _batches(data, cache)
+    assert [len(b.targets) for b in first] == [2, 2, 1] and [t["label"] for t in first[0].targets] == [0, 1]
+    for batch in first:
+        for point in POINTS:
+            rt, direct = batch.roundtrips[point], roundtrip(batch.images, *point)
+            assert rt.images.dtype == torch.uint8 and torch.equal(rt.images.float() / 255, direct.images)
+            assert rt.num_bytes == direct.num_bytes
+        assert len(batch.new) == len(batch.targets) * len(POINTS)
+        cache.add(batch.new)
+    cache.save()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jpeg_q50_abc.pt", "webp_q10_abc.pt"]
+
+    def no_encoding(*args):
+        raise AssertionError("a cached image was encoded again")
+
+    monkeypatch.setattr(baselines, "encode", no_encoding)
+    rerun = _batches(data, RoundTripCache(tmp_path, "abc", POINTS), num_workers=2)
+    for a, b in zip(first, rerun):
+        assert b.new == [] and torch.equal(a.images, b.images)
+        for point in POINTS:
+            assert torch.equal(a.roundtrips[point].images, b.roundtrips[point].images)
+            assert a.roundtrips[point].num_bytes == b.roundtrips[point].num_bytes
+            assert a.roundtrips[point].encode_s == b.roundtrips[point].encode_s  # the time measured when encoded
+    with pytest.raises(AssertionError, match="encoded again"):  # other pixels are never served from the cache
+        _batches(_dataset(seed=1), RoundTripCache(tmp_path, "abc", POINTS))
+
+
+def test_cache_written_by_other_versions_is_not_used(tmp_path):
+    cache = RoundTripCache(tmp_path, "k", POINTS[:1])
+    cache.add([(POINTS[0], "digest", b"file", 0.5)])
+    cache.save()
+    assert RoundTripCache(tmp_path, "k", POINTS[:1]).lookup(POINTS[0], "digest") == (b"file", 0.5)
+    data = torch.load(tmp_path / "jpeg_q50_k.pt", weights_only=True)
+    data["header"]["library"] = "0.0.0"
+    torch.save(data, tmp_path / "jpeg_q50_k.pt")
+    assert RoundTripCache(tmp_path, "k", POINTS[:1]).lookup(POINTS[0], "digest") is None
+    (tmp_path / "jpeg_q50_k.pt").write_bytes(b"cut short")
+    assert RoundTripCache(tmp_path, "k", POINTS[:1]).entries[POINTS[0]] == {}
+    with pytest.raises(ValueError, match="unknown codec 'png'"):
+        RoundTripCache(tmp_path, "k", [("png", 50)])
+
+
+def test_reference_rate_table_without_a_usable_curve_or_reference():
+    rows = _near_rows()
+    rows[3]["metric"] = rows[4]["metric"] = float("nan")  # jpeg on cls
+    table = {(e["task"], e["method"]): e for e in reference_rate_table(rows)}
+    assert (table[("cls", "jpeg")]["bpp"], table[("cls", "jpeg")]["status"]) == (None, "n/a")
+    rows[6]["metric"] = float("nan")  # the cls reference
+    assert {e["task"] for e in reference_rate_table(rows)} == {"count"}

@@ -1,8 +1,11 @@
 """Rate–accuracy results on disk: CSV/JSON tables, one plot per task, BD-rates and a Markdown report.
 
 The rows are those of :func:`mtfc.evaluation.runner.evaluate_method` (one per method, rate point and
-task). The BD-rate table compares ``anchor_method`` (mtfc) with every other method that has a curve,
-the uncompressed reference excepted; it is drawn as a dashed horizontal line at its accuracy.
+task). The report leads with the rate each method needs to stay within one point of the uncompressed
+reference (:func:`reference_rate_table`); the BD-rate table compares ``anchor_method`` (mtfc) with
+every other method that has a curve, the uncompressed reference excepted; it is drawn as a dashed
+horizontal line at its accuracy. A row's ``metric_direction`` (its head's, ``"higher"`` unless the
+head says ``"lower"``) decides which points are better everywhere.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -24,29 +28,46 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from mtfc.evaluation.curves import Runs, headline, timing_rows, write_curves
 from matplotlib.ticker import FuncFormatter
 
-from mtfc.evaluation.bdrate import bd_metric, bd_rate, upper_envelope
-from mtfc.evaluation.runner import ROW_FIELDS
+from mtfc.evaluation.bdrate import bd_metric, bd_rate, rate_at_metric, upper_envelope
+from mtfc.evaluation.curves import Runs, headline, timing_rows, write_curves
+from mtfc.evaluation.runner import DIRECTIONS, ROW_FIELDS
 
-__all__ = ["PROVENANCE_KEYS", "collect_provenance", "bd_rate_table", "write_report"]
+__all__ = ["PROVENANCE_KEYS", "collect_provenance", "git_state", "bd_rate_table", "reference_rate_table",
+           "write_report"]
 
 #: what ``write_report`` needs to know about how the results were produced
-PROVENANCE_KEYS = ("command", "config", "seed", "machine", "timestamp")
+PROVENANCE_KEYS = ("command", "config", "seed", "machine", "git", "timestamp")
 BD_FIELDS = ("task", "metric_name", "method", "baseline", "bd_rate_percent", "bd_metric", "note")
+REFERENCE_FIELDS = ("task", "metric_name", "metric_direction", "reference_metric", "target_metric", "method", "bpp",
+                    "status")
+
+
+def git_state(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """``{"commit": sha, "dirty": bool}`` of the git checkout holding ``directory`` (dirty: tracked
+    files differ from the commit, as ``git describe --dirty``); ``None`` outside a checkout or without git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def collect_provenance(*, config: Mapping[str, Any] | None, seed: int | None, device: str | torch.device,
                        command: str | None = None) -> dict[str, Any]:
     """The provenance record of this process: its command line (``sys.argv`` unless given), the config,
-    the seed, the machine (platform, Python, CPU count, torch version and threads, device) and a UTC time."""
+    the seed, the machine (platform, Python, CPU count, torch version and threads, device), mtfc's git
+    commit and whether its tree was dirty (:func:`git_state`), and a UTC time."""
     return {
         "command": command if command is not None else shlex.join(sys.argv),
         "config": dict(config) if config is not None else None,
         "seed": seed,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device)},
+        "git": git_state(Path(__file__).resolve().parent),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -72,7 +93,7 @@ def _check_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str
         raise ValueError("write_report got no result rows")
     by_task: dict[str, list[Mapping[str, Any]]] = {}
     for i, row in enumerate(rows):
-        missing = [k for k in ROW_FIELDS if k != "all_metrics" and k not in row]
+        missing = [k for k in ROW_FIELDS if k not in ("all_metrics", "metric_direction") and k not in row]
         if missing:
             raise ValueError(f"result row {i} lacks {missing}: {dict(row)}")
         by_task.setdefault(str(row["task"]), []).append(row)
@@ -80,19 +101,27 @@ def _check_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str
         names = sorted({str(r["metric_name"]) for r in task_rows})
         if len(names) > 1:
             raise ValueError(f"task {task!r} mixes metrics {names}; one metric per task can be compared")
+        directions = sorted({str(r.get("metric_direction", "higher")) for r in task_rows})
+        if len(directions) > 1 or directions[0] not in DIRECTIONS:
+            raise ValueError(f"task {task!r} has metric_direction {directions}; one of {list(DIRECTIONS)} is needed")
     return by_task
+
+
+def _higher_is_better(task_rows: Sequence[Mapping[str, Any]]) -> bool:
+    """The task's direction (rows of results written before directions existed are higher-is-better)."""
+    return task_rows[0].get("metric_direction", "higher") == "higher"
 
 
 def _curve(rows: Sequence[Mapping[str, Any]], method: str) -> list[Mapping[str, Any]]:
     return sorted((r for r in rows if r["method"] == method), key=lambda r: r["bpp_mean"])
 
 
-def _unusable(method: str, curve: Sequence[Mapping[str, Any]]) -> str:
+def _unusable(method: str, curve: Sequence[Mapping[str, Any]], higher_is_better: bool) -> str:
     """Why ``curve`` cannot enter a Bjøntegaard delta ("" if it can)."""
     if not curve:
         return f"no {method!r} results"
     try:
-        rate, _ = upper_envelope([r["bpp_mean"] for r in curve], [r["metric"] for r in curve])
+        rate, _ = upper_envelope([r["bpp_mean"] for r in curve], [r["metric"] for r in curve], higher_is_better)
     except ValueError as e:
         return f"{method!r}: {e}"
     return "" if rate.size >= 2 else f"{method!r} has {rate.size} point(s) on its rate–accuracy envelope; 2 are needed"
@@ -105,25 +134,62 @@ def bd_rate_table(rows: Sequence[Mapping[str, Any]], *, anchor_method: str = "mt
     curves. A pair that cannot be compared gets ``None`` values and the reason in ``note``."""
     table = []
     for task, task_rows in _check_rows(rows).items():
+        higher = _higher_is_better(task_rows)
         ours = _curve(task_rows, anchor_method)
         baselines = sorted({str(r["method"]) for r in task_rows} - {anchor_method, reference_method})
         for baseline in baselines:
             theirs = _curve(task_rows, baseline)
             entry = {"task": task, "metric_name": task_rows[0]["metric_name"], "method": anchor_method,
                      "baseline": baseline, "bd_rate_percent": None, "bd_metric": None,
-                     "note": _unusable(anchor_method, ours) or _unusable(baseline, theirs)}
+                     "note": _unusable(anchor_method, ours, higher) or _unusable(baseline, theirs, higher)}
             if not entry["note"]:
                 args = ([r["bpp_mean"] for r in theirs], [r["metric"] for r in theirs],
                         [r["bpp_mean"] for r in ours], [r["metric"] for r in ours])
                 notes = []
                 for key, fn in (("bd_rate_percent", bd_rate), ("bd_metric", bd_metric)):
                     try:
-                        entry[key] = fn(*args)
+                        entry[key] = fn(*args, higher_is_better=higher)
                     except ValueError as e:  # e.g. curves that share an accuracy range but no rate range
                         notes.append(f"{fn.__name__} (anchor {baseline}, test {anchor_method}): {e}")
                 entry["note"] = "; ".join(notes)
             table.append(entry)
     return table
+
+
+def reference_rate_table(rows: Sequence[Mapping[str, Any]], *, anchor_method: str = "mtfc",
+                         reference_method: str = "uncompressed", tolerance: float = 1.0) -> list[dict[str, Any]]:
+    """Per task and method: the bpp needed to stay within ``tolerance`` metric points of the
+    ``reference_method`` (target = reference − tolerance, or + when lower is better), read off the
+    method's curve with :func:`~mtfc.evaluation.bdrate.rate_at_metric` (``status``: interpolated,
+    at most, not reached; n/a for a curve without finite points), ``anchor_method`` first. Tasks
+    without one finite reference row are left out."""
+    table = []
+    for task, task_rows in _check_rows(rows).items():
+        refs = _curve(task_rows, reference_method)
+        if len(refs) != 1 or not math.isfinite(float(refs[0]["metric"])):
+            continue
+        higher = _higher_is_better(task_rows)
+        reference = float(refs[0]["metric"])
+        target = reference - tolerance if higher else reference + tolerance
+        for method in _method_order({str(r["method"]) for r in task_rows}, anchor_method, reference_method):
+            if method == reference_method:
+                continue
+            curve = _curve(task_rows, method)
+            try:
+                bpp, status = rate_at_metric([r["bpp_mean"] for r in curve], [r["metric"] for r in curve], target,
+                                             higher)
+            except ValueError:  # a NaN metric or a zero rate: no curve to read
+                bpp, status = None, "n/a"
+            table.append({"task": task, "metric_name": task_rows[0]["metric_name"],
+                          "metric_direction": "higher" if higher else "lower", "reference_metric": reference,
+                          "target_metric": target, "method": method, "bpp": bpp, "status": status})
+    return table
+
+
+def _reference_cell(entry: Mapping[str, Any]) -> str:
+    if entry["bpp"] is None:
+        return entry["status"]
+    return ("≤ " if entry["status"] == "at most" else "") + f"{entry['bpp']:.4g}"
 
 
 def _method_order(methods: set[str], anchor: str, reference: str) -> list[str]:
@@ -149,7 +215,7 @@ def _plot(task: str, task_rows: Sequence[Mapping[str, Any]], path: Path, anchor:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("rate [bits per pixel]")
-    ax.set_ylabel(str(task_rows[0]["metric_name"]))
+    ax.set_ylabel(f"{task_rows[0]['metric_name']} ({'higher' if _higher_is_better(task_rows) else 'lower'} is better)")
     ax.set_title(task)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize="small")
@@ -166,6 +232,12 @@ def _machine(machine: Any) -> str:
     return ", ".join(f"{k}={v}" for k, v in machine.items()) if isinstance(machine, Mapping) else str(machine)
 
 
+def _git(state: Any) -> str:
+    if not isinstance(state, Mapping):
+        return "not a git checkout"
+    return f"{state['commit']}" + (" (dirty: uncommitted changes to tracked files)" if state["dirty"] else " (clean)")
+
+
 def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return out + ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines]
@@ -174,8 +246,9 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
 def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *, provenance: Mapping[str, Any],
                  anchor_method: str = "mtfc", reference_method: str = "uncompressed",
                  training: Mapping[str, tuple[Runs, Sequence[tuple[str, str]]]] | None = None) -> dict[str, Path]:
-    """Write ``results.csv``, ``results.json``, ``bd_rate.csv``, ``plots/<task>.png`` and ``report.md``
-    into ``out_dir``; return their paths (keys ``csv``, ``json``, ``bd_rate``, ``markdown``, ``plot/<task>``).
+    """Write ``results.csv``, ``results.json``, ``within_reference.csv`` (:func:`reference_rate_table`),
+    ``bd_rate.csv``, ``plots/<task>.png`` and ``report.md`` into ``out_dir``; return their paths (keys
+    ``csv``, ``json``, ``within_reference``, ``bd_rate``, ``markdown``, ``plot/<task>``).
 
     ``training`` (stage → (run name → the engine's ``out_dir`` of that run, the ``(split, key)`` curves
     to plot)) adds a section with each stage's training curves (``training/<stage>.png``, per step)
@@ -187,11 +260,13 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, 
     if missing:
         raise ValueError(f"provenance lacks {missing}; build it with mtfc.evaluation.collect_provenance(...)")
     by_task = _check_rows(rows)
+    rows = [{**r, "metric_direction": r.get("metric_direction", "higher")} for r in rows]
     bd_rows = bd_rate_table(rows, anchor_method=anchor_method, reference_method=reference_method)
+    near = reference_rate_table(rows, anchor_method=anchor_method, reference_method=reference_method)
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "results.csv", "json": out / "results.json", "bd_rate": out / "bd_rate.csv",
-             "markdown": out / "report.md"}
+    paths = {"csv": out / "results.csv", "json": out / "results.json", "within_reference": out / "within_reference.csv",
+             "bd_rate": out / "bd_rate.csv", "markdown": out / "report.md"}
 
     with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
@@ -199,19 +274,34 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, 
         for row in rows:
             writer.writerow({**{k: row[k] for k in ROW_FIELDS if k != "all_metrics"},
                              "all_metrics": json.dumps(_plain(row.get("all_metrics", {})))})
-    with open(paths["bd_rate"], "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=BD_FIELDS)
-        writer.writeheader()
-        writer.writerows(bd_rows)
+    for key, fields, table in (("bd_rate", BD_FIELDS, bd_rows), ("within_reference", REFERENCE_FIELDS, near)):
+        with open(paths[key], "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(table)
     with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(_plain({"provenance": provenance, "rows": list(rows), "bd_rate": bd_rows}), f, indent=2,
-                  allow_nan=False)
+        json.dump(_plain({"provenance": provenance, "rows": list(rows), "within_reference": near, "bd_rate": bd_rows}),
+                  f, indent=2, allow_nan=False)
 
     md = ["# Rate–accuracy report", "",
           f"Rate is bits per pixel of the whole transmitted file or bitstream (8 × bytes / (H × W) of the input "
           f"image). BD-rate: bits {anchor_method} needs relative to the baseline at equal accuracy "
-          f"(negative = fewer); BD-metric: its accuracy difference at equal rate (Bjøntegaard, PCHIP on the "
-          f"upper envelope of each curve).", "", "## BD-rate", ""]
+          f"(negative = fewer); BD-metric: its metric difference at equal rate (Bjøntegaard, PCHIP on the "
+          f"upper envelope of each curve).", "", f"## Bits per pixel to stay within 1 point of {reference_method}", "",
+          "Read off each method's curve (PCHIP of log-rate on its upper envelope, as BD-rate) at the reference's "
+          "metric less one point (plus one where lower is better); ≤: the cheapest rate measured already gets there.", ""]
+    if near:
+        methods = list(dict.fromkeys(e["method"] for e in near))
+        cells = {(e["task"], e["method"]): _reference_cell(e) for e in near}
+        tasks = list(dict.fromkeys(e["task"] for e in near))
+        first = {e["task"]: e for e in reversed(near)}
+        md += _table(["task", "metric", reference_method, "target", *methods],
+                     [[t, f"{first[t]['metric_name']} ({first[t]['metric_direction']} is better)",
+                       _fmt(first[t]["reference_metric"]), _fmt(first[t]["target_metric"]),
+                       *(cells.get((t, m), "n/a") for m in methods)] for t in tasks])
+    else:
+        md.append(f"No {reference_method} rows to compare with.")
+    md += ["", "## BD-rate", ""]
     if bd_rows:
         md += _table(["task", "metric", "baseline", f"BD-rate of {anchor_method} (%)", "BD-metric", "note"],
                      [[b["task"], str(b["metric_name"]), b["baseline"], _fmt(b["bd_rate_percent"], "+.2f"),
@@ -220,11 +310,12 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, 
         md.append("No baseline to compare with.")
     for task, task_rows in by_task.items():
         metric_name = str(task_rows[0]["metric_name"])
+        better = "higher" if _higher_is_better(task_rows) else "lower"
         plot = out / "plots" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', task)}.png"
         _plot(task, task_rows, plot, anchor_method, reference_method)
         paths[f"plot/{task}"] = plot
         methods = _method_order({str(r["method"]) for r in task_rows}, anchor_method, reference_method)
-        md += ["", f"## {task} ({metric_name})", ""]
+        md += ["", f"## {task} ({metric_name}, {better} is better)", ""]
         md += _table(["method", "rate point", "bpp (mean ± std)", "bytes", metric_name, "encode ms/img",
                       "decode ms/img", "images"],
                      [[str(r["method"]), _fmt(r["rate_point"]), f"{_fmt(r['bpp_mean'])} ± {_fmt(r['bpp_std'], '.2g')}",
@@ -247,7 +338,8 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, 
 
     config = yaml.safe_dump(_plain(provenance["config"]), sort_keys=False, allow_unicode=True).rstrip()
     md += ["", "## Provenance", "", f"- command: `{provenance['command']}`", f"- seed: {provenance['seed']}",
-           f"- timestamp: {provenance['timestamp']}", f"- machine: {_machine(provenance['machine'])}", "",
+           f"- timestamp: {provenance['timestamp']}", f"- machine: {_machine(provenance['machine'])}",
+           f"- git: {_git(provenance['git'])}", "",
            "Config:", "", "```yaml", config, "```", ""]
     paths["markdown"].write_text("\n".join(md), encoding="utf-8")
     return paths
