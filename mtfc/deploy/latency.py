@@ -41,13 +41,15 @@ def _same_point(a: Any, b: Any) -> bool:
 def match_baselines(rows: Sequence[dict[str, Any]], rate_point: Any,
                     tasks: Sequence[str] | None = None) -> tuple[dict[str, float], dict[str, dict]]:
     """mtfc's accuracy per task at ``rate_point``, and per offloading method its cheapest point that
-    reaches that accuracy on every task of ``tasks`` (default: all); failing that, the point that comes closest."""
+    reaches that accuracy on every task of ``tasks`` (default: all); failing that, the point that comes closest.
+    A task whose rows say ``metric_direction: lower`` (an error) is reached at or below mtfc's value."""
     mtfc = {r["task"]: r for r in rows if r["method"] == "mtfc" and _same_point(r["rate_point"], rate_point)
             and (not tasks or r["task"] in tasks)}
     if not mtfc:
         points = sorted({str(r["rate_point"]) for r in rows if r["method"] == "mtfc"})
         raise ValueError(f"no mtfc rows at rate point {rate_point!r}; the run has {points}")
     target = {task: r["metric"] for task, r in mtfc.items()}
+    sign = {task: -1.0 if r.get("metric_direction", "higher") == "lower" else 1.0 for task, r in mtfc.items()}
     chosen = {}
     for method in sorted({r["method"] for r in rows} - {"mtfc"}):
         points: dict[str, dict[str, dict]] = {}
@@ -56,7 +58,7 @@ def match_baselines(rows: Sequence[dict[str, Any]], rate_point: Any,
                 points.setdefault(str(r["rate_point"]), {})[r["task"]] = r
         candidates = []
         for point, by_task in points.items():
-            shortfall = max(target[t] - by_task[t]["metric"] if t in by_task else np.inf for t in target)
+            shortfall = max(sign[t] * (target[t] - by_task[t]["metric"]) if t in by_task else np.inf for t in target)
             candidates.append((shortfall > 0, by_task[next(iter(target))]["bytes_mean"] if shortfall <= 0 else shortfall,
                                point, by_task))
         unmatched, _, point, by_task = min(candidates, key=lambda c: (c[0], c[1]))
