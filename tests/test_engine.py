@@ -309,3 +309,11 @@ def test_clear_state_removes_the_training_state(tmp_path):
     clear_state(tmp_path)
     assert not (tmp_path / "last.pt").exists()
     clear_state(tmp_path)  # nothing to remove: no error
+
+
+@pytest.mark.parametrize("n, steps", [(9, 4), (10, 5), (1, 1)])
+def test_no_batch_of_one_image(tmp_path, n, steps):
+    """9 samples at batch 2: the 9th would train alone (BatchNorm cannot), so an epoch is 4 batches of 2;
+    a dataset of one image still trains."""
+    task, history = train(tmp_path, train_set=NoisyDataset(n=n), epochs=1, val_set=None)
+    assert history["global_step"] == steps and history["epochs"][0]["steps"] == steps
