@@ -286,7 +286,8 @@ def format_coder_comparison(result: dict[str, Any]) -> str:
     """One Markdown table row per size of :func:`coder_comparison`."""
     lines = [f"{result['kind']} prior, {result['latent_channels']} latent channels, {result['threads']} thread(s), "
              "batch 1; median ms",
-             "| image | mtfc encode | CompressAI encode | mtfc decode | CompressAI decode | mtfc bytes | CompressAI bytes |",
+             "| image | mtfc encode | CompressAI encode | mtfc decode | CompressAI decode | mtfc bytes "
+             "| CompressAI bytes |",
              "|---|---|---|---|---|---|---|"]
     for size, r in result["sizes"].items():
         m, c = r["mtfc"], r["compressai"]

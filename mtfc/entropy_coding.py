@@ -21,8 +21,9 @@ memory-safe, every read bounds-checked):
   coder's 32-bit words, little-endian.
 
 A payload is accepted only if decoding ends with the end mark and the coder empty: every word read
-and the state back at its initial value. A truncated, padded or altered payload fails that except by chance, and then
-decodes, like any payload, to a latent within the bounds above; every failure is a
+and the state back at its initial value. A truncated, padded or altered payload fails that except by
+chance (or where the change falls on an escaped value's uniform bits, which only changes that value),
+and then decodes, like any payload, to a latent within the bounds above; every failure is a
 :class:`~mtfc.bitstream.CorruptStreamError`. Decoding keeps no state between payloads.
 """
 from __future__ import annotations
@@ -79,15 +80,15 @@ class TableCoder:
         self.models = [constriction.stream.model.Categorical(np.diff(cdf[i, : lengths[i]]) / 2**_CDF_PRECISION,
                                                              perfect=False)
                        for i in range(len(lengths))]
-        # An escaped value v is coded as u ≥ 0: 2·(low − 1 − v) below the table, 2·(v − high − 1) + 1 above it;
-        # Elias-gamma style: k = ⌊log2(u + 1)⌋, uniform over 0…max_k, then u + 1 − 2**k, uniform over 2**k.
-        largest_u = 2 * (ESCAPE_LIMIT + int(np.abs(np.concatenate([self.low, self.low + self.escape])).max())) + 1
-        self.max_k = (largest_u + 1).bit_length() - 1
+        # An escaped value v is coded as u ≥ 0 — 2·(low − 1 − v) below the table, 2·(v − high − 1) + 1
+        # above it — Elias-gamma style: k = ⌊log2(u + 1)⌋, uniform over 0…max_k, then u + 1 − 2**k,
+        # uniform over 2**k.
+        extent = int(np.abs(np.concatenate([self.low, self.low + self.escape])).max())
+        self.max_k = (2 * (ESCAPE_LIMIT + extent) + 2).bit_length() - 1
         if self.max_k > 23:  # constriction's uniform model holds fewer than 2**24 values
-            raise ValueError(f"the entropy model's tables span over 2**22 values ({largest_u // 2}); "
-                             "they cannot be escape-coded")
-        self.k_model, self.rest_model = constriction.stream.model.Uniform(self.max_k + 1), constriction.stream.model.Uniform()
-        self.mark_model = constriction.stream.model.Uniform(256)
+            raise ValueError(f"the entropy model's tables reach ±{extent}, too far to escape-code (±2**22 at most)")
+        uniform = constriction.stream.model.Uniform
+        self.k_model, self.rest_model, self.mark_model = uniform(self.max_k + 1), uniform(), uniform(256)
 
     def _groups(self, indexes: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
         """The positions sorted by table, and ``(table, start, end)`` of each table's run in that order."""

@@ -47,7 +47,7 @@ def forge(legit: bytes, kind: str, rng: np.random.Generator) -> bytes:
                     else rng.bytes(4 * int(rng.integers(0, len(p) // 2 + 3))) for p in payloads]
     elif kind == "truncated":
         i = int(rng.integers(len(payloads)))
-        payloads[i] = payloads[i][: int(rng.integers(len(payloads[i])))] if payloads[i] else payloads[i]
+        payloads[i] = payloads[i][: int(rng.integers(len(payloads[i])))]  # never empty: see entropy_coding.END_MARK
     elif kind == "oversized":
         factor = int(rng.choice([2, 4, 8, 1024]))
         (H, W), (C, h, w) = header.image_size, header.latent_shape

@@ -77,8 +77,8 @@ def test_a_version_1_stream_is_refused_with_the_fix(frozen_codec, images):
     body = bytearray(frozen_codec.encode(images[:1])[0][:-4])
     body[4] = 1
     old = bytes(body) + struct.pack(">I", zlib.crc32(body))
-    with pytest.raises(bitstream.UnsupportedVersionError,
-                       match="bitstream format version 1; this mtfc reads version 2 only: re-encode the image with this mtfc"):
+    with pytest.raises(bitstream.UnsupportedVersionError, match="bitstream format version 1; this mtfc reads "
+                                                                "version 2 only: re-encode the image with this mtfc"):
         frozen_codec.decode([old])
 
 
@@ -106,7 +106,8 @@ def test_values_beyond_the_tables_are_escape_coded_and_clamped(frozen_codec, ima
     assert (y_hat - m)[0, :4, 0, 0].tolist() == [ESCAPE_LIMIT, -ESCAPE_LIMIT, 300, -ESCAPE_LIMIT]
 
 
-@pytest.mark.parametrize("value, counts", [(float("nan"), "1 NaN and 0 infinite"), (float("inf"), "0 NaN and 1 infinite"),
+@pytest.mark.parametrize("value, counts", [(float("nan"), "1 NaN and 0 infinite"),
+                                           (float("inf"), "0 NaN and 1 infinite"),
                                            (float("-inf"), "0 NaN and 1 infinite")])
 def test_non_finite_pixels_are_refused(codec, value, counts):
     images = torch.rand(2, 3, 32, 32)

@@ -26,7 +26,10 @@ def main() -> int:
                         help="size of the images the legit streams come from")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    codecs = {args.codec: load_codec(args.codec)} if args.codec else {k: small_codec(k) for k in ("factorized", "hyperprior")}
+    if args.codec:
+        codecs = {args.codec: load_codec(args.codec)}
+    else:
+        codecs = {kind: small_codec(kind) for kind in ("factorized", "hyperprior")}
     failed = False
     for name, codec in codecs.items():
         result = fuzz_decoder(codec, args.n, args.seed, tuple(args.size))
