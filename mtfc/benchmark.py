@@ -29,7 +29,7 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 def rate_overhead(codec: Codec, images: torch.Tensor) -> dict[str, float]:
     """Actual stream bits vs the model's estimate −Σ log2 p(ŷ) on the same hard-quantized latent.
 
-    Returns totals over ``images``: ``payload/estimate`` (range-coder efficiency) and
+    Returns totals over ``images``: ``payload/estimate`` (entropy-coder efficiency) and
     ``stream/estimate`` (with the container header), plus the mean header size in bytes.
     """
     codec.eval()
