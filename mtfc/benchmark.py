@@ -29,7 +29,7 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 def rate_overhead(codec: Codec, images: torch.Tensor) -> dict[str, float]:
     """Actual stream bits vs the model's estimate −Σ log2 p(ŷ) on the same hard-quantized latent.
 
-    Returns totals over ``images``: ``payload/estimate`` (range-coder efficiency) and
+    Returns totals over ``images``: ``payload/estimate`` (entropy-coder efficiency) and
     ``stream/estimate`` (with the container header), plus the mean header size in bytes.
     """
     codec.eval()
@@ -52,17 +52,15 @@ def rate_overhead(codec: Codec, images: torch.Tensor) -> dict[str, float]:
 def latency(codec: Codec, image: torch.Tensor, repeats: int = 20) -> dict[str, float]:
     """Median milliseconds at batch 1, split into network (encoder / decoder convs) and entropy coding.
 
-    ``encode_entropy_ms`` is :meth:`Codec.compress_latent` (what :meth:`Codec.encode` runs; before it,
-    this measured CompressAI's ``compress``, which also decodes the latent again); ``encode_ms`` is
-    the whole :meth:`Codec.encode` (+ input checks and bitstream packing), timed on its own.
+    ``encode_entropy_ms`` is :meth:`Codec.compress_latent` (what :meth:`Codec.encode` runs) and
+    ``decode_entropy_ms`` its inverse (``codec.coder.decompress``); ``encode_ms`` is the whole
+    :meth:`Codec.encode` (+ input checks and bitstream packing), timed on its own.
     """
     codec.eval()
     y_ms, y = _median_ms(lambda: codec.g_a(normalize(image)), repeats)
-    c_ms, _ = _median_ms(lambda: codec.compress_latent(y), repeats)
-    comp = codec.latent_codec.compress(y)
-    shape = comp["shape"]
-    d_ms, dec = _median_ms(lambda: codec.latent_codec.decompress(comp["strings"], shape), repeats)
-    n_ms, _ = _median_ms(lambda: codec.decoder(dec["y_hat"]), repeats)
+    c_ms, payloads = _median_ms(lambda: codec.compress_latent(y), repeats)
+    d_ms, y_hat = _median_ms(lambda: codec.coder.decompress(payloads, tuple(y.shape[-2:])), repeats)
+    n_ms, _ = _median_ms(lambda: codec.decoder(y_hat), repeats)
     e_ms, _ = _median_ms(lambda: codec.encode(image), repeats)
     return {"encode_network_ms": y_ms, "encode_entropy_ms": c_ms, "decode_entropy_ms": d_ms,
             "decode_network_ms": n_ms, "encode_total_ms": y_ms + c_ms, "decode_total_ms": d_ms + n_ms,
@@ -231,4 +229,68 @@ def format_encoder_table(rows: list[dict[str, Any]], threads: int = 1) -> str:
                         for s in sizes)
         lines.append(f"| {r['encoder']} | {r['weights']} | {r['latent_channels']}/{r['hidden_channels']} | "
                      f"{r['params']:,} | {r['kmac_per_pixel']:.2f} |{cells}")
+    return "\n".join(lines)
+
+
+def _compressai_coder(codec: Codec, y: torch.Tensor) -> tuple[Callable[[], list[bytes]], Callable[[list[bytes]], Any]]:
+    """(encode, decode) of one latent with CompressAI's own rANS coder: what ``Codec.compress_latent``
+    and ``Codec.decode`` ran before :mod:`mtfc.entropy_coding` (format version 1)."""
+    lc, (h, w) = codec.latent_codec, tuple(y.shape[-2:])
+    if codec.kind == "factorized":
+        return (lambda: lc.entropy_bottleneck.compress(y),
+                lambda payloads: lc.decompress([payloads], (h, w)))
+    hyper, gc = lc.latent_codec["hyper"], lc.latent_codec["y"]
+
+    def encode() -> list[bytes]:
+        z = hyper.compress(y)  # ẑ's payload, and ŷ's prior from the decoded ẑ
+        scales, means = gc.entropy_parameters(z["params"]).chunk(2, 1)
+        cond = gc.gaussian_conditional
+        return [cond.compress(y, cond.build_indexes(scales), means)[0], z["strings"][0][0]]
+
+    return encode, lambda payloads: lc.decompress([[p] for p in payloads], {"y": (h, w), "hyper": (h // 4, w // 4)})
+
+
+@torch.no_grad()
+def coder_comparison(codec: Codec, sizes: tuple[int, ...] = (64, 224), threads: int = 1,
+                     repeats: int = 30) -> dict[str, Any]:
+    """mtfc's entropy coder (:mod:`mtfc.entropy_coding`: constriction's ANS on CompressAI's tables)
+    against CompressAI's rANS coder on the same latent: median ms of encoding and decoding one latent
+    (batch 1, ``threads`` threads, the four timed in turn by :func:`interleaved_medians`) and the payload
+    bytes, per ``size``×``size`` image (smoothed noise)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    codec.eval()
+    try:
+        out: dict[str, Any] = {"kind": codec.kind, "latent_channels": codec.latent_channels, "threads": threads,
+                               "sizes": {}}
+        for size in sizes:
+            image = F.avg_pool2d(torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(size)), 5, 1, 2)
+            y = codec.g_a(normalize(image))
+            shape = tuple(y.shape[-2:])
+            ours = codec.compress_latent(y)
+            old_encode, old_decode = _compressai_coder(codec, y)
+            theirs = old_encode()
+            ms = interleaved_medians({("mtfc", "encode"): lambda: codec.compress_latent(y),
+                                      ("mtfc", "decode"): lambda: codec.coder.decompress(ours, shape),
+                                      ("compressai", "encode"): old_encode,
+                                      ("compressai", "decode"): lambda: old_decode(theirs)}, repeats)
+            out["sizes"][str(size)] = {coder: {"encode_ms": ms[coder, "encode"], "decode_ms": ms[coder, "decode"],
+                                               "bytes": sum(map(len, payloads))}
+                                       for coder, payloads in (("mtfc", ours), ("compressai", theirs))}
+        return out
+    finally:
+        torch.set_num_threads(previous)
+
+
+def format_coder_comparison(result: dict[str, Any]) -> str:
+    """One Markdown table row per size of :func:`coder_comparison`."""
+    lines = [f"{result['kind']} prior, {result['latent_channels']} latent channels, {result['threads']} thread(s), "
+             "batch 1; median ms",
+             "| image | mtfc encode | CompressAI encode | mtfc decode | CompressAI decode | mtfc bytes "
+             "| CompressAI bytes |",
+             "|---|---|---|---|---|---|---|"]
+    for size, r in result["sizes"].items():
+        m, c = r["mtfc"], r["compressai"]
+        lines.append(f"| {size}² | {m['encode_ms']:.2f} | {c['encode_ms']:.2f} | {m['decode_ms']:.2f} | "
+                     f"{c['decode_ms']:.2f} | {m['bytes']} | {c['bytes']} |")
     return "\n".join(lines)

@@ -1,10 +1,10 @@
 """The mtfc bitstream container: what crosses the network for one image.
 
-Layout (format version 1; integers marked *varint* are unsigned LEB128, 1 byte below 128)::
+Layout (format version 2; integers marked *varint* are unsigned LEB128, 1 byte below 128)::
 
     offset  size      field
     0       4         magic  b"MTFC"
-    4       1         format version (1)
+    4       1         format version (2)
     5       4         codec fingerprint: first 4 bytes of ``Codec.fingerprint``
     9       varint    input height H      (pixels)
             varint    input width  W
@@ -13,10 +13,14 @@ Layout (format version 1; integers marked *varint* are unsigned LEB128, 1 byte b
             varint    latent width  w
             1         number of payloads n (1: factorized prior; 2: y and z of the hyperprior)
             varint×n  payload lengths
-            ...       payloads: CompressAI range-coder strings, in that order
+            ...       payloads: constriction ANS words (little-endian) coding CompressAI's tables, in
+                      that order (see :mod:`mtfc.entropy_coding`)
     end-4   4         CRC-32 (zlib) of every byte before it, big-endian
 
-bpp counts every byte of it: ``8 * len(stream) / (H * W)``.
+bpp counts every byte of it: ``8 * len(stream) / (H * W)``. Version 1 had the same layout with
+CompressAI's rANS strings as payloads; its decoder read past forged payloads, so version 1 is refused.
+An image has at most :data:`MAX_PIXELS` pixels: the decoder's work and memory grow with the size a
+header announces, whatever the payload's length.
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"MTFC"
-VERSION = 1
+VERSION = 2
 FINGERPRINT_BYTES = 4
+MAX_PIXELS = 4096 * 4096
 _MIN_LEN = len(MAGIC) + 1 + FINGERPRINT_BYTES + 5 + 1 + 1 + 4
 
 
@@ -117,7 +122,8 @@ def unpack(stream: bytes, fingerprint: bytes | None = None) -> tuple[Header, lis
     if len(stream) < _MIN_LEN:
         raise TruncatedStreamError(f"stream is {len(stream)} bytes, shorter than the smallest valid stream")
     if stream[4] != VERSION:
-        raise UnsupportedVersionError(f"bitstream format version {stream[4]}; this mtfc reads version {VERSION}")
+        raise UnsupportedVersionError(f"bitstream format version {stream[4]}; this mtfc reads version {VERSION} only: "
+                                      "re-encode the image with this mtfc")
     fp = stream[5 : 5 + FINGERPRINT_BYTES]
     if fingerprint is not None and fp != fingerprint[:FINGERPRINT_BYTES]:
         raise CodecMismatchError(
@@ -150,4 +156,6 @@ def unpack(stream: bytes, fingerprint: bytes | None = None) -> tuple[Header, lis
     H, W, C, h, w = fields
     if min(fields) == 0 or n == 0:
         raise CorruptStreamError(f"invalid header: image {H}x{W}, latent {C}x{h}x{w}, {n} payloads")
+    if H * W > MAX_PIXELS:
+        raise CorruptStreamError(f"header announces a {H}x{W} image; a stream holds at most {MAX_PIXELS} pixels")
     return Header(fp, (H, W), (C, h, w)), payloads

@@ -26,6 +26,7 @@ from torch import nn
 
 from mtfc import bitstream
 from mtfc.checkpoint import CODEC, CheckpointError, load_checkpoint, save_checkpoint
+from mtfc.entropy_coding import LatentCoder, latent_coder
 from mtfc.teacher import normalize
 
 KINDS = ("factorized", "hyperprior")
@@ -154,6 +155,7 @@ class Codec(CompressionModel):
         self.decoder = LatentDecoder(C, out_channels, N)
         self.meta: dict[str, Any] = {}
         self._fingerprint: str | None = None
+        self._coder: tuple[str, LatentCoder] | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Codec:
@@ -218,6 +220,17 @@ class Codec(CompressionModel):
         return h.hexdigest()[:16]
 
     # -- the deployed path -----------------------------------------------------------------------
+    @property
+    def coder(self) -> LatentCoder:
+        """The bounds-safe entropy coder of this codec's CompressAI prior (:mod:`mtfc.entropy_coding`);
+        built once per frozen state."""
+        if self._coder is None or self._coder[0] != self._fingerprint:
+            coder = latent_coder(self.latent_codec)
+            if not self.frozen:
+                return coder
+            self._coder = (self._fingerprint, coder)
+        return self._coder[1]
+
     def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -229,44 +242,41 @@ class Codec(CompressionModel):
         if H % d or W % d:
             raise ValueError(f"image size {H}x{W} is not a multiple of {d}; resize or pad the input "
                              f"(e.g. to {-(-H // d) * d}x{-(-W // d) * d})")
+        if H * W > bitstream.MAX_PIXELS:
+            raise ValueError(f"image size {H}x{W} is over the {bitstream.MAX_PIXELS} pixels a stream holds; "
+                             "encode it in tiles")
+        nan, inf = int(images.isnan().sum()), int(images.isinf().sum())
+        if nan or inf:
+            raise ValueError(f"images have {nan} NaN and {inf} infinite pixel values; replace them "
+                             "(e.g. torch.nan_to_num) before encoding")
 
     @torch.no_grad()
     def quantize(self, images: torch.Tensor) -> torch.Tensor:
         """The hard-quantized latent ŷ, bit-identical to ``decode(encode(images))``."""
         self._check_images(images)
-        y = self.g_a(normalize(images))
-        if self.kind == "factorized":
-            eb = self.latent_codec.entropy_bottleneck
-            medians = eb._get_medians().detach().reshape(1, -1, 1, 1)
-            return eb.quantize(y, "dequantize", medians)
-        # Per image, through the coder itself: the hyper-synthesis runs exactly as in decode().
-        return torch.cat([self.latent_codec.compress(y[i : i + 1])["y_hat"] for i in range(len(y))])
+        return self.coder.quantize(self.g_a(normalize(images)))
 
     @torch.no_grad()
     def compress_latent(self, y: torch.Tensor) -> list[bytes]:
         """The entropy-coded payloads of one image's latent ``y`` (1, C, h, w), as :meth:`encode` packs them.
 
-        Byte-identical to ``[s[0] for s in latent_codec.compress(y)["strings"]]`` without what the
-        device does not need: CompressAI's latent codecs also decode ``y`` again to return ``y_hat``,
-        which costs about as much as coding it (the hyperprior's ``z`` is still decoded: it gives
-        ``y``'s prior).
-        """
-        if self.kind == "factorized":
-            return self.latent_codec.entropy_bottleneck.compress(y)
-        codecs = self.latent_codec.latent_codec
-        hyper, gc = codecs["hyper"].compress(y), codecs["y"]
-        scales, means = gc._chunk(gc.entropy_parameters(hyper["params"]))
-        y_strings = gc.gaussian_conditional.compress(y, gc.gaussian_conditional.build_indexes(scales), means)
-        return [y_strings[0], hyper["strings"][0][0]]
+        Raises ``ValueError`` if ``y`` is not finite."""
+        return self.coder.compress(y)
+
+    @torch.no_grad()
+    def pack_latent(self, y: torch.Tensor, image_size: tuple[int, int]) -> list[bytes]:
+        """One self-describing bitstream (see :mod:`mtfc.bitstream`) per latent of the batch ``y``
+        (B, C, h, w), computed from images of ``image_size`` (H, W): what :meth:`encode` returns, and what
+        the ONNX device encoder (:class:`mtfc.deploy.Encoder`) sends."""
+        fp = bytes.fromhex(self.fingerprint)
+        header = bitstream.Header(fp[: bitstream.FINGERPRINT_BYTES], tuple(image_size), tuple(y.shape[1:]))
+        return [bitstream.pack(header, self.compress_latent(y[i : i + 1])) for i in range(len(y))]
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[bytes]:
         """One self-describing bitstream per image (see :mod:`mtfc.bitstream`)."""
-        fp = bytes.fromhex(self.fingerprint)
         self._check_images(images)
-        y = self.g_a(normalize(images))
-        header = bitstream.Header(fp[: bitstream.FINGERPRINT_BYTES], tuple(images.shape[-2:]), tuple(y.shape[1:]))
-        return [bitstream.pack(header, self.compress_latent(y[i : i + 1])) for i in range(len(y))]
+        return self.pack_latent(self.g_a(normalize(images)), tuple(images.shape[-2:]))
 
     @torch.no_grad()
     def decode(self, streams: list[bytes]) -> torch.Tensor:
@@ -275,7 +285,10 @@ class Codec(CompressionModel):
 
     @torch.no_grad()
     def decode_with_sizes(self, streams: list[bytes]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """:meth:`decode`, and the input image size (H, W) each stream's header announces."""
+        """:meth:`decode`, and the input image size (H, W) each stream's header announces.
+
+        Any byte string either raises a :class:`~mtfc.bitstream.BitstreamError` or decodes to a latent
+        within the prior's bounds (:mod:`mtfc.entropy_coding`); decoding keeps no state between streams."""
         if isinstance(streams, (bytes, bytearray)):
             streams = [streams]
         if not streams:
@@ -292,11 +305,7 @@ class Codec(CompressionModel):
                     f"header does not match this codec: image {H}x{W}, latent {C}x{h}x{w}, {len(payloads)} payloads")
             if header.latent_shape != parsed[0][0].latent_shape:
                 raise ValueError("streams of different image sizes cannot be decoded as one batch; decode them separately")
-            shape: Any = (h, w) if self.kind == "factorized" else {"y": (h, w), "hyper": (h // 4, w // 4)}
-            try:
-                latents.append(self.latent_codec.decompress([[p] for p in payloads], shape)["y_hat"])
-            except Exception as e:  # the checksum passed, so this is a forged stream; never crash on it
-                raise bitstream.CorruptStreamError(f"entropy decoding failed: {e}") from e
+            latents.append(self.coder.decompress(payloads, (h, w)))
         return torch.cat(latents), [tuple(header.image_size) for header, _ in parsed]
 
 

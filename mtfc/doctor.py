@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import platform
 import sys
 from typing import Callable
@@ -52,6 +53,7 @@ CHECKS: dict[str, tuple[Callable[[], str], str]] = {
     "torchvision": (lambda: _version("torchvision"), FIX),
     "numpy": (lambda: _version("numpy"), FIX + "  (mtfc's stack needs numpy<2)"),
     "compressai": (lambda: _version("compressai"), "pip install compressai==1.2.8"),
+    "constriction": (lambda: importlib.metadata.version("constriction"), "pip install constriction==0.5.0"),
     "albumentations": (lambda: _version("albumentations"), "pip install albumentations==2.0.8"),
     "pycocotools": (lambda: _version("pycocotools.coco"), "pip install pycocotools"),
     "detectron2": (_detectron2, FIX + "  (installs detectron2's Python package from the sal-detectron2 wheel)"),

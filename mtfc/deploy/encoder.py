@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtfc import bitstream
 from mtfc.codec import Codec, load_codec
 
 ONNX_FILE, CODEC_FILE, MANIFEST_FILE = "encoder.onnx", "codec.pt", "encoder.json"
@@ -64,11 +63,6 @@ class Encoder:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[bytes]:
-        """One :mod:`mtfc.bitstream` stream per image, packed as :meth:`mtfc.Codec.encode` packs it."""
-        y = self.latent(images)
-        fp = bytes.fromhex(self.fingerprint)[: bitstream.FINGERPRINT_BYTES]
-        header = bitstream.Header(fp, tuple(images.shape[-2:]), tuple(y.shape[1:]))
-        streams = []
-        for i in range(len(y)):
-            streams.append(bitstream.pack(header, self.codec.compress_latent(y[i : i + 1])))
-        return streams
+        """One :mod:`mtfc.bitstream` stream per image, packed by :meth:`mtfc.Codec.pack_latent` as
+        :meth:`mtfc.Codec.encode` packs it; images with NaN or infinite values are refused (``ValueError``)."""
+        return self.codec.pack_latent(self.latent(images), tuple(images.shape[-2:]))
