@@ -266,7 +266,8 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
                         help="an image size to serve (repeatable; default: the training sizes the codec and heads "
                              "record); streams of other sizes get 400/413")
     for name, (kind, help) in SERVER_OPTIONS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{help} (default: ServerConfig's)")
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind,
+                            help=f"{help} (default: see mtfc.deploy.ServerConfig)")
 
 
 def _server_config(args: argparse.Namespace):
