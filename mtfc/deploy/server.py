@@ -39,7 +39,9 @@ full batch of 16 at 64×64 the batch costs 0.45 CPU-s and +43 MB. The largest im
 budget admits at all (512×512, if served) costs 0.96 CPU-s and +130 MB. The stream the issue measured
 (45 bytes announcing 4096×4096: 40 CPU-s, 11.3 GB) is refused at the header with 413. Besides the
 heads' one running batch, requests in flight hold only their latents (``max_pixels_in_flight`` pixels
-in all, C·H·W/16 floats each), and no request runs longer than ``request_timeout_s``.
+in all, C·H·W/16 floats each). Every request is answered within ``request_timeout_s`` of its body; what
+is left of its work then is cancelled, except a head batch already running, which finishes (one batch,
+at most ``max_batch_pixels``).
 """
 from __future__ import annotations
 
@@ -110,8 +112,8 @@ class ServerConfig:
     max_wait_ms: float = 5.0
     max_body_bytes: int = 1 << 20
     image_sizes: Sequence[Sequence[int]] | None = None
-    max_pixels_in_flight: int = 1 << 20
-    max_queue: int = 256
+    max_pixels_in_flight: int = 1 << 19
+    max_queue: int = 64
     request_timeout_s: float = 10.0
     header_timeout_s: float = 5.0
     body_timeout_s: float = 5.0
