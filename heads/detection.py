@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import CfgNode, get_cfg
 from detectron2.evaluation import COCOEvaluator
 from detectron2.layers import ShapeSpec
@@ -156,8 +157,9 @@ class DetectionHead(Head):
     ``loss_box_reg``; distilled, also ``loss_cls_kd``, ``loss_box_bounded``, ``loss_hint``). :meth:`predict`: one ``{"instances": Instances}`` per image — Detectron2's
     model output, with ``pred_boxes`` (XYXY pixels of the fed image, like the targets' ``boxes``),
     ``scores`` and ``pred_classes`` (0..K-1) — which :class:`DetectionEvaluator` scores. Image sizes
-    come from the targets' ``image_size``, else from the latent (× 4). Inputs must be multiples of
-    32 pixels (the FPN's ``size_divisibility``).
+    come from the targets' ``image_size``, else from the latent (× 4). Any input size works: the
+    head zero-pads the input bottom/right to multiples of 32 pixels (the FPN's ``size_divisibility``)
+    and boxes are clipped to the unpadded image.
 
     Args:
         latent_channels: channels of ŷ; ``None`` builds the reference detector on uncompressed images
@@ -201,7 +203,7 @@ class DetectionHead(Head):
         self.detector = build_model(self.cfg)
 
     def predict(self, latent: torch.Tensor, targets: Targets | None = None) -> list[dict[str, Instances]]:
-        images = self._image_list(latent, targets)
+        latent, images = self._image_list(latent, targets)
         det = self.detector
         features = det.backbone(latent)
         proposals, _ = det.proposal_generator(images, features, None)
@@ -209,7 +211,7 @@ class DetectionHead(Head):
         return [{"instances": r} for r in results]
 
     def loss(self, latent: torch.Tensor, targets: Targets, distill: Distillation | None = None) -> dict[str, torch.Tensor]:
-        images = self._image_list(latent, targets)
+        latent, images = self._image_list(latent, targets)
         gt = self._gt_instances(targets, images.image_sizes, latent.device)
         det = self.detector
         features = det.backbone(latent)
@@ -233,7 +235,7 @@ class DetectionHead(Head):
         scores, deltas = rh.box_predictor(rh.box_head(rh.box_pooler([features[f] for f in rh.box_in_features], boxes)))
         losses = rh.box_predictor.losses((scores, deltas), proposals)
         with torch.no_grad():
-            t_features = teacher.backbone(distill.images)
+            t_features = teacher.backbone(_pad_to(distill.images, teacher.backbone.size_divisibility))
             trh = teacher.roi_heads
             t_scores, t_deltas = trh.box_predictor(trh.box_head(trh.box_pooler(
                 [t_features[f] for f in trh.box_in_features], boxes)))
@@ -262,18 +264,15 @@ class DetectionHead(Head):
         shapes, t_shapes = self.detector.backbone.output_shape(), teacher.detector.backbone.output_shape()
         return nn.ModuleList(nn.Conv2d(shapes[k].channels, t_shapes[k].channels, 1) for k in shapes)
 
-    def _image_list(self, latent: torch.Tensor, targets: Targets | None) -> ImageList:
+    def _image_list(self, latent: torch.Tensor, targets: Targets | None) -> tuple[torch.Tensor, ImageList]:
+        """``latent`` zero-padded bottom/right to the FPN's ``size_divisibility``, and the Detectron2
+        ``ImageList`` that holds the unpadded image sizes (the RPN and the ROI heads clip boxes to them)."""
         stride = self.detector.backbone.bottom_up.input_stride
         if latent.dim() != 4 or latent.shape[1] != self.in_channels:
             what = "images" if stride == 1 else "latent"
             raise ValueError(f"the detection head expects a (B, {self.in_channels}, h, w) {what}, "
                              f"got shape {tuple(latent.shape)}")
         H, W = latent.shape[-2] * stride, latent.shape[-1] * stride
-        d = self.detector.backbone.size_divisibility
-        if H % d or W % d:
-            raise ValueError(f"the detection head needs images whose height and width are multiples of {d} "
-                             f"(its FPN's size_divisibility), got {H}x{W}; resize or pad the images "
-                             f"(e.g. to {-(-H // d) * d}x{-(-W // d) * d})")
         if targets is None:
             sizes = [(H, W)] * len(latent)
         else:
@@ -284,8 +283,9 @@ class DetectionHead(Head):
                 if not (0 < h <= H and 0 < w <= W):
                     raise ValueError(f"image {t.get('image_id', '?')}: target image_size {(h, w)} does not fit "
                                      f"the {H}x{W} input")
+        padded = _pad_to(latent, self.detector.backbone.size_divisibility // stride)
         # The RPN and ROI heads read only image_sizes; the tensor stands for the padded batch (no pixels here).
-        return ImageList(latent.new_empty((len(latent), 0, H, W)), sizes)
+        return padded, ImageList(latent.new_empty((len(latent), 0, *(n * stride for n in padded.shape[-2:]))), sizes)
 
     def _gt_instances(self, targets: Targets | None, sizes: list[tuple[int, int]],
                       device: torch.device) -> list[Instances]:
@@ -399,6 +399,11 @@ def _to_annotation_frame(instances: Instances, orig_size: tuple[int, int]) -> In
 def _resized_size(height: int, width: int, scale: float) -> tuple[int, int]:
     """The content size albumentations' ``LongestMaxSize`` (mtfc's eval resize) gives an image."""
     return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``x`` (..., h, w) zero-padded bottom/right to multiples of ``multiple``."""
+    return F.pad(x, (0, -x.shape[-1] % multiple, 0, -x.shape[-2] % multiple))
 
 
 def _size_hw(image_size: int | Sequence[int]) -> tuple[int, int]:

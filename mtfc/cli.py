@@ -243,27 +243,51 @@ def _heads(specs: list[str]) -> dict[str, str]:
     return heads
 
 
+#: ``mtfc serve`` / ``mtfc loadtest`` options, one per :class:`mtfc.deploy.ServerConfig` field (whose
+#: defaults apply to options not given), plus ``--image-size``.
+SERVER_OPTIONS: dict[str, tuple[type, str]] = {
+    "max_batch": (int, "most images per head batch"),
+    "max_batch_pixels": (int, "most image pixels per head batch"),
+    "max_wait_ms": (float, "longest wait for a batch to fill"),
+    "max_body_bytes": (int, "larger bodies get 413"),
+    "max_pixels_in_flight": (int, "most image pixels of requests being decoded or run at once"),
+    "max_queue": (int, "requests waiting for room; more get 503"),
+    "request_timeout_s": (float, "deadline from the received body to the answer; past it 504, work cancelled"),
+    "header_timeout_s": (float, "close connections that do not send a request's headers within this time"),
+    "body_timeout_s": (float, "408 for bodies not received within this time"),
+    "keep_alive_s": (float, "close idle keep-alive connections after this time"),
+    "max_connections": (int, "most connections and requests at once; uvicorn answers 503 beyond"),
+    "decoder_workers": (int, "crash-isolated entropy-decoding processes"),
+    "threads": (int, "PyTorch threads of the server and of each decoder"),
+}
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    try:
+        return int(h), int(w or h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--image-size takes HxW or S (e.g. 64x64 or 224), got {text!r}") from None
+
+
 def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("codec", help="frozen codec artifact (codec.pt)")
     parser.add_argument("--head", action="append", default=[], metavar="NAME=PATH", help="a head checkpoint (repeatable)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import a module first (user heads register in mtfc.HEADS on import; repeatable)")
-    parser.add_argument("--max-batch", type=int, default=16, help="most images per head batch")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
-    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="larger announced images get 413")
-    parser.add_argument("--decoder-workers", type=int, default=2, help="crash-isolated entropy-decoding processes")
-    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads of the server and of each decoder")
+    parser.add_argument("--image-size", dest="image_sizes", action="append", type=_image_size, metavar="HxW",
+                        help="an image size to serve (repeatable; default: the training sizes the codec and heads "
+                             "record); streams of other sizes get 400/413")
+    for name, (kind, help) in SERVER_OPTIONS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind,
+                            help=f"{help} (default: see mtfc.deploy.ServerConfig)")
 
 
 def _server_config(args: argparse.Namespace):
-    import os
-
     from mtfc.deploy.server import ServerConfig
 
-    return ServerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
-                        max_image_pixels=args.max_image_pixels, decoder_workers=args.decoder_workers,
-                        threads=args.threads,
+    given = {name: getattr(args, name) for name in SERVER_OPTIONS if getattr(args, name) is not None}
+    return ServerConfig(**given, image_sizes=args.image_sizes,
                         token=getattr(args, "token", None) or os.environ.get("MTFC_TOKEN") or None)
 
 
@@ -369,6 +393,12 @@ def _loadtest_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--bad", type=float, default=0.1, help="share of malformed / oversized bodies")
+    parser.add_argument("--max-size", type=float, default=0.0,
+                        help="share of forged streams announcing the largest served image size")
+    parser.add_argument("--slow-connections", type=int, default=0,
+                        help="connections held open by trickling headers or bodies during the load")
+    parser.add_argument("--baseline", type=int, default=0,
+                        help="valid requests sent alone first: the unloaded reference the report compares with")
     parser.add_argument("--data", help="bundled dataset root whose val images make the requests (default: synthetic)")
     parser.add_argument("--images", type=int, default=32, help="distinct images per size")
     parser.add_argument("--sizes", default="64,96", help="image sides, comma-separated (requests mix them)")
@@ -389,12 +419,14 @@ def _loadtest(args: argparse.Namespace) -> int:
     images = [F.interpolate(x[None], size=(s, s), mode="bilinear", align_corners=False).clamp(0, 1)
               for s in sizes for x in base]
     report = load_test(args.codec, _heads(args.head), images, requests=args.requests, concurrency=args.concurrency,
-                       bad_fraction=args.bad, config=_server_config(args), imports=args.imports, seed=args.seed,
-                       log_dir=Path(args.out).parent if args.out else None)
+                       bad_fraction=args.bad, max_size_fraction=args.max_size, slow_connections=args.slow_connections,
+                       baseline_requests=args.baseline, config=_server_config(args), imports=args.imports,
+                       seed=args.seed, log_dir=Path(args.out).parent if args.out else None)
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    ok = (report["valid_mismatched"] == 0 and not report["wrong_status"] and report["server_alive_and_healthy"])
+    ok = (report["valid_mismatched"] == 0 and not report["wrong_status"] and report["server_alive_and_healthy"]
+          and "500" not in report["server_by_status"])
     return 0 if ok else 1
 
 

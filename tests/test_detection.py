@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.meta_arch import GeneralizedRCNN
@@ -103,14 +104,30 @@ def test_head_contract(frozen_codec, train_set):
 def test_bad_inputs_are_named(frozen_codec, train_set):
     det = head()
     images, targets = batch(train_set, 2)
-    with pytest.raises(ValueError, match="multiples of 32"):
-        det(frozen_codec.quantize(images[..., :48, :]), None)
     with pytest.raises(ValueError, match=r"\(B, 8, h, w\) latent"):
         det(images, targets)
     with pytest.raises(ValueError, match="lack"):
         det(frozen_codec.quantize(images), [{k: v for k, v in t.items() if k != "classes"} for t in targets])
     with pytest.raises(ValueError, match="needs targets"):
         det(frozen_codec.quantize(images))
+
+
+def test_sizes_off_the_fpn_grid_are_padded_and_boxes_clipped(frozen_codec, train_set):
+    # 48x36 is a multiple of the codec's 4, not of the FPN's 32: the head pads ŷ itself, exactly as if it
+    # had been given the padded latent and the true image size
+    det = head().eval()
+    images, _ = batch(train_set, 2)
+    latent = frozen_codec.quantize(images[..., :48, :36])
+    with torch.no_grad():
+        preds = det(latent)
+        want = det(F.pad(latent, (0, 16 - 9, 0, 16 - 12)), [{"image_size": (48, 36)}] * 2)  # ŷ 12x9 -> 16x16
+    for p, w in zip(preds, want):
+        inst = p["instances"]
+        assert inst.image_size == (48, 36) and len(inst) > 0
+        assert torch.equal(inst.pred_boxes.tensor, w["instances"].pred_boxes.tensor)
+        assert torch.equal(inst.scores, w["instances"].scores)
+        box = inst.pred_boxes.tensor
+        assert (box >= 0).all() and (box[:, [0, 2]] <= 36).all() and (box[:, [1, 3]] <= 48).all()
 
 
 def test_training_reduces_the_loss(frozen_codec, train_set):

@@ -2,7 +2,8 @@
 the end-to-end latency model and the load test.
 
 Each part imports only what it needs: a device that runs :class:`Encoder` and :class:`Client` needs
-ONNX Runtime and httpx, not FastAPI; the server needs FastAPI and uvicorn (``pip install mtfc[deploy]``).
+ONNX Runtime and httpx, not FastAPI; the server needs FastAPI, uvicorn and prometheus_client
+(``pip install mtfc[deploy]``); neither imports the training code (pipeline, engine, data).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ _EXPORTS = {
     "benchmark_encoder": "mtfc.deploy.export", "compare_streams": "mtfc.deploy.export",
     "Encoder": "mtfc.deploy.encoder",
     "ServerConfig": "mtfc.deploy.server", "create_app": "mtfc.deploy.server", "serve": "mtfc.deploy.server",
+    "uvicorn_config": "mtfc.deploy.server",
     "Client": "mtfc.deploy.client",
     "latency_model": "mtfc.deploy.latency",
     "load_test": "mtfc.deploy.loadtest",

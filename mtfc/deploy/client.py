@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mtfc.deploy.server import STREAM_TYPE
+from mtfc.deploy.wire import STREAM_TYPE
 
 
 class StreamEncoder(Protocol):
@@ -93,8 +93,12 @@ class Client:
         """The server's codec (fingerprint), heads, versions and limits."""
         return self._json(self.http.get("/info"))
 
-    def metrics(self) -> dict[str, Any]:
-        return self._json(self.http.get("/metrics"))
+    def metrics(self) -> str:
+        """The server's metrics in the Prometheus text format."""
+        response = self.http.get("/metrics")
+        if response.status_code >= 400:
+            self._json(response)
+        return response.text
 
     def send(self, stream: bytes, heads: Sequence[str] | None = None) -> dict[str, Any]:
         """POST one stream; the server's JSON answer (raises :class:`ServerError` on 4xx/5xx)."""

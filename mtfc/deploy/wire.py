@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+#: The content type of a bitstream on the wire (``POST /predict``).
+STREAM_TYPE = "application/octet-stream"
+
 
 def prediction_to_json(task: str, prediction: Any) -> Any:
     """One head's prediction for one image, as JSON-serialisable data."""
