@@ -232,7 +232,8 @@ def train_bottleneck(train_set: Dataset, val_set: Dataset | None, teacher: nn.Mo
     aux = settle_quantiles(model)
     model.freeze()
     model.meta = {"beta": beta, "teacher_arch": arch, "stages": list(stages), "saliency": saliency,
-                  "history": history, "aux_loss": aux, "key": key}
+                  "history": history, "aux_loss": aux, "key": key,
+                  "image_size": list(train_set[0][0].shape[-2:])}  # the size the server serves by default
     path = save_codec(model, out / "codec.pt")
     clear_state(out)
     return path
