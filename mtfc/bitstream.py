@@ -59,6 +59,10 @@ class CorruptStreamError(BitstreamError):
     """The checksum or the header's values do not hold."""
 
 
+class ImageTooLargeError(CorruptStreamError):
+    """The header announces more than :data:`MAX_PIXELS` pixels."""
+
+
 @dataclass(frozen=True)
 class Header:
     fingerprint: bytes
@@ -157,5 +161,5 @@ def unpack(stream: bytes, fingerprint: bytes | None = None) -> tuple[Header, lis
     if min(fields) == 0 or n == 0:
         raise CorruptStreamError(f"invalid header: image {H}x{W}, latent {C}x{h}x{w}, {n} payloads")
     if H * W > MAX_PIXELS:
-        raise CorruptStreamError(f"header announces a {H}x{W} image; a stream holds at most {MAX_PIXELS} pixels")
+        raise ImageTooLargeError(f"header announces a {H}x{W} image; a stream holds at most {MAX_PIXELS} pixels")
     return Header(fp, (H, W), (C, h, w)), payloads

@@ -1,11 +1,11 @@
 """Crash-isolated entropy decoding for the server, in a pool of worker processes that heals itself.
 
-CompressAI's range decoder (C++) does not bound-check its input: a stream with a valid header and
-checksum but a forged payload (e.g. a 1024×1024 image announced with 4 payload bytes) makes it read
-past its buffer and crash the process (measured: SIGSEGV). The checksum cannot prevent that — anyone
-can compute a CRC. So the server decodes in worker processes: a stream that kills its worker gets a
-400 and the worker is replaced, while every other request goes on. Workers are forked from a
-``forkserver`` that has imported torch and CompressAI once, so a replacement starts in milliseconds.
+The entropy decoder is memory-safe (:mod:`mtfc.entropy_coding`), so a forged stream ends as a
+:class:`~mtfc.bitstream.BitstreamError`; the worker processes are the second line of defence and the
+way to cancel a decode: a worker that dies anyway (killed on a deadline or because its client left, out
+of memory) takes only its own request with it (400 ``DecoderCrashed``) while every other request goes
+on. Workers are forked from a ``forkserver`` that has imported torch and CompressAI once, so a
+replacement starts in milliseconds.
 
 A worker that dies (crash, or killed because its request ran out of time or its client left) never
 goes back into the pool; its replacement is started in the background, retrying with exponential
@@ -33,7 +33,7 @@ log = logging.getLogger("mtfc.server")
 
 
 class DecoderCrashed(bitstream.CorruptStreamError):
-    """The stream crashed the entropy decoder's worker process (a forged payload)."""
+    """The decoder's worker process died while decoding the stream."""
 
 
 def _serve_decodes(codec_path: str, conn: Connection, threads: int) -> None:

@@ -574,6 +574,8 @@ def _check_header(body: bytes, fingerprint: bytes, sizes: list[tuple[int, int]])
     """Container checks (magic, version, codec, length, checksum) and the served sizes, before any decoding."""
     try:
         header, _ = bitstream.unpack(body, fingerprint)
+    except bitstream.ImageTooLargeError as e:
+        raise RequestError(413, "ImageTooLarge", str(e)) from None
     except bitstream.BitstreamError as e:
         raise RequestError(400, type(e).__name__, str(e)) from None
     H, W = header.image_size
