@@ -42,7 +42,8 @@ class GenerateConfig:
 class DataConfig:
     """A dataset (:func:`mtfc.data.build_dataset`). ``None`` values take the dataset type's default;
     ``ann_file``/``image_root`` (coco), ``dir`` (imagefolder), ``img_dir``/``ann_dir`` (segmentation)
-    override where a loader finds its files."""
+    override where a loader finds its files; ``eval_resize`` (imagenet, imagefolder) sets torchvision's
+    reference evaluation (see :mod:`mtfc.data.imagefolder`)."""
 
     type: str = "bundled"
     root: str = ""
@@ -54,6 +55,7 @@ class DataConfig:
     dir: str | None = None
     img_dir: str | None = None
     ann_dir: str | None = None
+    eval_resize: int | None = None    # imagenet/imagefolder: evaluate by resizing the shorter side to it, centre crop
     strict: bool | None = None        # true: a degenerate annotation is an error instead of a counted warning
     on_corrupt: str | None = None     # "error" (default) | "skip": an unreadable image or label map
 

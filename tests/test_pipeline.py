@@ -109,4 +109,4 @@ def test_a_stage_of_another_data_type_inherits_only_type_independent_keys():
     assert pipe.data_cfg(cfg.heads["detection"]) == {
         "type": "coco", "root": "/datasets/coco", "image_size": 512, "augment": {"hflip": True}, "strict": True}
     assert pipe.data_cfg(None) == {"type": "imagenet", "root": "/datasets/imagenet", "image_size": 224,
-                                   "augment": {"hflip": True}, "strict": True}
+                                   "eval_resize": 232, "augment": {"hflip": True}, "strict": True}

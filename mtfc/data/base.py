@@ -6,7 +6,8 @@ labels are); :class:`TaskDataset` reads them the same way for every format and s
 one :class:`~mtfc.data.transforms.SampleTransform`. Items are ``(image, target)``: ``image`` float32
 (3, H, W) in [0, 1] RGB at the configured size, ``target`` a dict with the keys of mtfc's target
 contract that the dataset has, plus ``orig_size`` (the (H, W) of the file; the fed image is the file
-resized by ``image_size / max(orig_size)`` and padded bottom/right).
+resized by ``image_size / max(orig_size)`` and padded bottom/right, or, for a classification split
+with ``eval_resize``, torchvision's reference resize and centre crop).
 """
 from __future__ import annotations
 
@@ -94,6 +95,9 @@ class TaskDataset(torch.utils.data.Dataset):
     ``seg_lut`` maps raw label-map values to mtfc's convention (0 background, k+1 class k, 255
     ignore); entries of -1 mark values that must not occur. ``augment`` is passed to
     :func:`~mtfc.data.transforms.build_transforms` (``scale``, ``hflip``, ``color_jitter``, ``seed``).
+    ``eval_resize`` (not with ``train``; images with a label only): evaluate with torchvision's
+    reference protocol, the shorter side resized to it and the centre ``image_size`` cropped
+    (:func:`~mtfc.data.transforms.reference_eval`).
     ``on_corrupt``: ``"error"`` raises :class:`CorruptFileError` naming an undecodable image or label
     map; ``"skip"`` warns (:class:`DatasetWarning`, with a count) and returns the next good item instead.
     """
@@ -101,7 +105,7 @@ class TaskDataset(torch.utils.data.Dataset):
     def __init__(self, records: Sequence[Record], *, class_names: Sequence[str], image_size: int | tuple[int, int],
                  train: bool = False, augment: dict | None = None, seg_lut: np.ndarray | None = None,
                  with_masks: bool = False, ann_file: Path | None = None, image_root: Path | None = None,
-                 description: str = "dataset", on_corrupt: str = "error") -> None:
+                 description: str = "dataset", on_corrupt: str = "error", eval_resize: int | None = None) -> None:
         if not records:
             raise DatasetError(f"{description}: no images (empty split)")
         if on_corrupt not in ON_CORRUPT:
@@ -109,7 +113,7 @@ class TaskDataset(torch.utils.data.Dataset):
         first = records[0]
         self.records = RecordList(records)
         self.class_names = tuple(class_names)
-        self.transform = SampleTransform(image_size, train=train, **(augment or {}))
+        self.transform = SampleTransform(image_size, train=train, eval_resize=eval_resize, **(augment or {}))
         self.seg_lut = seg_lut
         self.with_masks = with_masks
         self.ann_file = ann_file

@@ -1,7 +1,9 @@
 """albumentations pipelines that keep an image, its boxes, instance masks and semantic mask consistent.
 
 One train pipeline (random resized crop, horizontal flip, colour jitter) and one deterministic eval
-pipeline (resize the longest side, pad bottom/right). Boxes travel through albumentations as
+pipeline (resize the longest side, pad bottom/right). Classification datasets may instead evaluate
+with torchvision's reference protocol (:func:`reference_eval`: resize the shorter side, crop the
+centre), which pretrained ImageNet classifiers are scored with. Boxes travel through albumentations as
 ``pascal_voc`` with their instance index as label field; boxes that vanish are dropped together with
 their masks. Where instance masks exist, each box is then re-tightened around its transformed mask
 (the COCO definition of a segmented object's box), and instances whose mask vanished are dropped.
@@ -13,6 +15,7 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import torch
+from PIL import Image
 
 IGNORE_INDEX = 255
 """Semantic-mask value of pixels that count as no class (padding, boundaries)."""
@@ -45,6 +48,24 @@ def build_transforms(image_size: int | tuple[int, int], *, train: bool, scale: t
     return A.Compose(steps, bbox_params=bbox_params(), seed=seed)
 
 
+def reference_resize(image_size: int | tuple[int, int] | list[int]) -> int:
+    """The shorter side torchvision's reference evaluation resizes to before cropping ``image_size``:
+    ``round(side * 256 / 224)`` of its largest side (256 for 224)."""
+    return round(max(size_hw(image_size)) * 256 / 224)
+
+
+def reference_eval(image: np.ndarray, resize: int, image_size: int | tuple[int, int]) -> np.ndarray:
+    """torchvision's classification evaluation (``transforms._presets.ImageClassification`` before its
+    rescaling and normalisation) on a uint8 (H, W, 3) image: the shorter side resized to ``resize``
+    (bilinear, antialiased, by PIL as torchvision does for a PIL image), then the centre ``image_size``
+    cropped."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    resized = F.resize(Image.fromarray(image), [resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return np.asarray(F.center_crop(resized, list(size_hw(image_size))))
+
+
 def bbox_params() -> A.BboxParams:
     """How boxes travel: pascal_voc pixels, the instance index as label field (to drop the masks of
     vanished boxes), clipped to the image, dropped below one pixel of width, height or area."""
@@ -57,11 +78,15 @@ class SampleTransform:
 
     A sample is a dict with ``image`` (uint8 (H, W, 3) RGB) and optionally ``boxes`` (float (N, 4)
     XYXY pixels), ``classes`` (N,), ``masks`` (uint8 (N, H, W)) and ``sem_seg`` (uint8 (H, W)).
+    ``eval_resize`` (eval only, images without targets): :func:`reference_eval` to that shorter side
+    instead of the letterbox.
     """
 
-    def __init__(self, image_size: int | tuple[int, int], *, train: bool, **augment: Any) -> None:
+    def __init__(self, image_size: int | tuple[int, int], *, train: bool, eval_resize: int | None = None,
+                 **augment: Any) -> None:
         self.size = size_hw(image_size)
         self.compose = build_transforms(self.size, train=train, **augment)
+        self.eval_resize = None if train else eval_resize
         self._worker_seed: int | None = None
         # Without workers, random augmentations draw their seed from torch's generator, which the
         # engine seeds and checkpoints: runs are reproducible and resume exactly.
@@ -76,6 +101,10 @@ class SampleTransform:
             self.compose.set_random_seed(worker.seed % 2**32)
         elif worker is None and self._seed_from_torch:
             self.compose.set_random_seed(int(torch.randint(2**31, ())))
+        if self.eval_resize is not None:
+            if set(sample) != {"image"}:
+                raise ValueError(f"eval_resize crops images only, but the sample also has {sorted(set(sample) - {'image'})}")
+            return _to_tensor(reference_eval(sample["image"], self.eval_resize, self.size)), {}
         data: dict[str, Any] = {"image": sample["image"]}
         has_boxes, has_masks = "boxes" in sample, "masks" in sample
         count = len(sample["boxes"]) if has_boxes else 0
@@ -102,11 +131,9 @@ class SampleTransform:
             targets["classes"] = np.asarray(sample["classes"], np.int64).reshape(-1)[keep]
         if "sem_seg" in sample:
             targets["sem_seg"] = self._pad(out["mask"], IGNORE_INDEX)
-        image = self._pad(out["image"], 0)
         tensors = {"boxes": torch.float32, "classes": torch.int64, "masks": torch.uint8, "sem_seg": torch.int64}
         targets = {k: torch.as_tensor(np.ascontiguousarray(v), dtype=tensors[k]) for k, v in targets.items()}
-        image_tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-        return image_tensor, targets
+        return _to_tensor(self._pad(out["image"], 0)), targets
 
     def _pad(self, array: np.ndarray, fill: int, leading: int = 0) -> np.ndarray:
         """Pad bottom/right to the configured size (box coordinates stay valid); the spatial axes
@@ -117,6 +144,11 @@ class SampleTransform:
             return array
         pad = [(0, 0)] * leading + [(0, height - h), (0, width - w)] + [(0, 0)] * (array.ndim - leading - 2)
         return np.pad(array, pad, constant_values=fill)
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) → float32 (3, H, W) in [0, 1] (torchvision's ``pil_to_tensor`` + ``convert_image_dtype``)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
 
 
 def _tight_boxes(masks: np.ndarray) -> np.ndarray:
