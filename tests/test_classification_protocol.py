@@ -12,8 +12,8 @@ import torchvision
 from PIL import Image
 from torchvision.transforms._presets import ImageClassification
 
-from mtfc.config import load_config
 from mtfc.data import DatasetError, build_dataset, collate
+from mtfc.pipeline import load_config
 from mtfc.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher, normalize, pretrained_weights
 
 #: val images (W, H): landscape and portrait 4:3, square, very narrow, smaller than the resize (upsampled),
@@ -89,8 +89,8 @@ def test_other_sizes_scale_the_resize_and_train_keeps_random_resized_crop(imagen
     cfg = {"root": str(imagenet), "augment": {"seed": 3}}
     train = build_dataset({**cfg, "type": "imagenet"}, "train", train=True)
     letterbox_train = build_dataset({**cfg, "type": "imagefolder"}, "train", train=True)
-    assert train.transform.eval_resize is None and train[0][0].shape == (3, 224, 224)
-    assert torch.equal(train[0][0], letterbox_train[0][0])
+    image, expected = train[0][0], letterbox_train[0][0]   # the same seeded RandomResizedCrop
+    assert train.transform.eval_resize is None and image.shape == (3, 224, 224) and torch.equal(image, expected)
 
 
 def test_real_yaml_evaluates_as_its_weights_were_scored():

@@ -63,7 +63,7 @@ def reference_eval(image: np.ndarray, resize: int, image_size: int | tuple[int, 
     from torchvision.transforms import functional as F
 
     resized = F.resize(Image.fromarray(image), [resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return np.asarray(F.center_crop(resized, list(size_hw(image_size))))
+    return np.array(F.center_crop(resized, list(size_hw(image_size))))
 
 
 def bbox_params() -> A.BboxParams:
