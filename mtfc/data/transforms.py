@@ -103,7 +103,8 @@ class SampleTransform:
             self.compose.set_random_seed(int(torch.randint(2**31, ())))
         if self.eval_resize is not None:
             if set(sample) != {"image"}:
-                raise ValueError(f"eval_resize crops images only, but the sample also has {sorted(set(sample) - {'image'})}")
+                extra = sorted(set(sample) - {"image"})
+                raise ValueError(f"eval_resize crops images only, but the sample also has {extra}")
             return _to_tensor(reference_eval(sample["image"], self.eval_resize, self.size)), {}
         data: dict[str, Any] = {"image": sample["image"]}
         has_boxes, has_masks = "boxes" in sample, "masks" in sample
