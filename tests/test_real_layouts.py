@@ -65,7 +65,8 @@ def test_image_modes_load_as_rgb(layouts):
 
 
 def test_imagefolder_labels_and_the_truncated_jpeg(layouts, no_dataset_warnings):
-    train = build_dataset({"type": "imagenet", "root": str(layouts["imagenet"]), "image_size": 32}, "train")
+    # imagefolder letterboxes (imagenet would centre-crop: tests/test_classification_protocol.py)
+    train = build_dataset({"type": "imagefolder", "root": str(layouts["imagenet"]), "image_size": 32}, "train")
     assert train.class_names == tuple(WNIDS)
     assert [Path(r.image_path).name for r in train.records] == ["a.JPEG", "b.JPEG", "c.JPEG", "d.JPEG", "e.png",
                                                                 "f.JPEG"]
