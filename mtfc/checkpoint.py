@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from mtfc.gitstate import code_state
+
 
 class Kind(NamedTuple):
     version: int  #: the newest layout this mtfc writes and reads
@@ -67,8 +69,15 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 
 def save_checkpoint(path: str | Path, kind: str, payload: dict[str, Any]) -> Path:
-    """Atomically write ``payload`` under the header of ``kind`` (its current version)."""
-    return atomic_save({"format": kind, "version": KINDS[kind].version, **payload}, path)
+    """Atomically write ``payload`` under the header of ``kind`` (its current version) and the state of the
+    code that wrote it (``code``: :func:`~mtfc.gitstate.code_state`, checked by the report's provenance)."""
+    return atomic_save({"format": kind, "version": KINDS[kind].version, "code": code_state(), **payload}, path)
+
+
+def written_by(path: str | Path) -> dict[str, Any] | None:
+    """The code state (:func:`~mtfc.gitstate.code_state`) an artifact recorded when it was written; ``None``
+    for one written before artifacts recorded it. Memory-maps the file: reads no weights."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("code")
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None, *, map_location: str | torch.device = "cpu",

@@ -31,7 +31,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mtfc.checkpoint import TEACHER, TRAIN_STATE, CheckpointError, load_checkpoint
+from mtfc.checkpoint import TEACHER, TRAIN_STATE, CheckpointError, load_checkpoint, written_by
 from mtfc.codec import Codec, load_codec
 from mtfc.config import DATA_GENERIC, DATA_LOCATION, Config, StageConfig
 from mtfc.engine import seed_everything
@@ -542,8 +542,15 @@ class Pipeline:
     def report(self, rows: list[dict[str, Any]], command: str | None = None) -> dict[str, Path]:
         from mtfc.evaluation.report import collect_provenance, write_report
 
-        prov = collect_provenance(config=self.cfg.to_dict(), seed=self.seed, device=self.device, command=command)
+        prov = collect_provenance(config=self.cfg.to_dict(), seed=self.seed, device=self.device, command=command,
+                                  artifacts={str(p): written_by(p) for p in self.artifacts() if p.is_file()})
         return write_report(rows, self.out / "report", provenance=prov, training=self.training_logs())
+
+    def artifacts(self) -> list[Path]:
+        """Every artifact the results use: teacher, codecs, reference heads and heads."""
+        refs = [self.head_path(None, n) for n, spec in self.cfg.heads.items() if spec.reference == "train"]
+        return [self.out / "teacher" / "teacher.pt", *map(self.codec_path, self.betas()), *refs,
+                *(self.head_path(b, n) for b in self.betas() for n in self.cfg.heads)]
 
     def training_logs(self) -> dict[str, tuple[dict[str, Path], list[tuple[str, str]]]]:
         """Every stage's runs (name → the engine's out_dir) and the curves to plot for it."""

@@ -19,7 +19,7 @@ from mtfc.evaluation import (BatchResult, Scorer, available_codecs, bd_metric, b
                              roundtrip, uncompressed_method, upper_envelope, write_report)
 from mtfc.evaluation import baselines
 from mtfc.evaluation.baselines import RoundTripCache, RoundTripDataset, collate_coded
-from mtfc.evaluation.report import git_state
+from mtfc.gitstate import git_state
 
 RATE = [0.1, 0.2, 0.4, 0.8, 1.6]
 ACC = [0.42, 0.55, 0.63, 0.68, 0.70]
@@ -502,3 +502,14 @@ def test_reference_rate_table_without_a_usable_curve_or_reference():
     assert (table[("cls", "jpeg")]["bpp"], table[("cls", "jpeg")]["status"]) == (None, "n/a")
     rows[6]["metric"] = float("nan")  # the cls reference
     assert {e["task"] for e in reference_rate_table(rows)} == {"count"}
+
+
+def test_provenance_names_the_artifacts_other_code_wrote():
+    from mtfc.evaluation.report import _artifacts
+
+    now, old = {"commit": "abc", "dirty": False}, {"commit": "def", "dirty": True}
+    assert _artifacts({"a.pt": now, "b.pt": now}, now) == "all 2 were written by this code (abc (clean))"
+    assert _artifacts({"a.pt": now, "b.pt": old, "c.pt": None}, now) == (
+        "2 of 3 were written by other code than this report's: b.pt (def (dirty: uncommitted changes to tracked "
+        "files)); c.pt (code not recorded)")
+    assert _artifacts({}, now) == "none recorded"

@@ -110,3 +110,10 @@ def test_a_stage_of_another_data_type_inherits_only_type_independent_keys():
         "type": "coco", "root": "/datasets/coco", "image_size": 512, "augment": {"hflip": True}, "strict": True}
     assert pipe.data_cfg(None) == {"type": "imagenet", "root": "/datasets/imagenet", "image_size": 224,
                                    "eval_resize": 232, "augment": {"hflip": True}, "strict": True}
+
+
+def test_the_report_checks_that_every_artifact_was_written_by_this_code(run_dir):
+    prov = json.loads((run_dir / "report" / "results.json").read_text())["provenance"]
+    # teacher, 2 codecs, 2 reference heads, 6 heads
+    assert len(prov["artifacts"]) == 11 and all(state == prov["git"] for state in prov["artifacts"].values())
+    assert "- artifacts: all 11 were written by this code (" in (run_dir / "report" / "report.md").read_text()

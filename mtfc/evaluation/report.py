@@ -16,7 +16,6 @@ import os
 import platform
 import re
 import shlex
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -33,41 +32,33 @@ from matplotlib.ticker import FuncFormatter
 from mtfc.evaluation.bdrate import bd_metric, bd_rate, rate_at_metric, upper_envelope
 from mtfc.evaluation.curves import Runs, headline, timing_rows, write_curves
 from mtfc.evaluation.runner import DIRECTIONS, ROW_FIELDS
+from mtfc.gitstate import code_state
 
-__all__ = ["PROVENANCE_KEYS", "collect_provenance", "git_state", "bd_rate_table", "reference_rate_table",
+__all__ = ["PROVENANCE_KEYS", "collect_provenance", "bd_rate_table", "reference_rate_table",
            "write_report"]
 
 #: what ``write_report`` needs to know about how the results were produced
-PROVENANCE_KEYS = ("command", "config", "seed", "machine", "git", "timestamp")
+PROVENANCE_KEYS = ("command", "config", "seed", "machine", "git", "timestamp")  # and optionally "artifacts"
 BD_FIELDS = ("task", "metric_name", "method", "baseline", "bd_rate_percent", "bd_metric", "note")
 REFERENCE_FIELDS = ("task", "metric_name", "metric_direction", "reference_metric", "target_metric", "method", "bpp",
                     "status")
 
 
-def git_state(directory: str | os.PathLike) -> dict[str, Any] | None:
-    """``{"commit": sha, "dirty": bool}`` of the git checkout holding ``directory`` (dirty: tracked
-    files differ from the commit, as ``git describe --dirty``); ``None`` outside a checkout or without git."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True,
-                              timeout=30).stdout.strip()
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def collect_provenance(*, config: Mapping[str, Any] | None, seed: int | None, device: str | torch.device,
-                       command: str | None = None) -> dict[str, Any]:
+                       command: str | None = None, artifacts: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The provenance record of this process: its command line (``sys.argv`` unless given), the config,
     the seed, the machine (platform, Python, CPU count, torch version and threads, device), mtfc's git
-    commit and whether its tree was dirty (:func:`git_state`), and a UTC time."""
+    commit and whether its tree was dirty (:func:`~mtfc.gitstate.git_state`), a UTC time, and ``artifacts``:
+    the code state each artifact the results used recorded when it was written (path → ``{"commit", "dirty"}``
+    or ``None`` for an artifact written before artifacts recorded it)."""
     return {
         "command": command if command is not None else shlex.join(sys.argv),
         "config": dict(config) if config is not None else None,
         "seed": seed,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device)},
-        "git": git_state(Path(__file__).resolve().parent),
+        "git": code_state(),
+        "artifacts": dict(artifacts or {}),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -232,6 +223,17 @@ def _machine(machine: Any) -> str:
     return ", ".join(f"{k}={v}" for k, v in machine.items()) if isinstance(machine, Mapping) else str(machine)
 
 
+def _artifacts(artifacts: Mapping[str, Any], now: Any) -> str:
+    """Whether every artifact was written by the code that wrote this report, else which were not."""
+    if not artifacts:
+        return "none recorded"
+    other = sorted(p for p, state in artifacts.items() if state != now)
+    if not other:
+        return f"all {len(artifacts)} were written by this code ({_git(now)})"
+    return (f"{len(other)} of {len(artifacts)} were written by other code than this report's: "
+            + "; ".join(f"{p} ({_git(artifacts[p]) if artifacts[p] else 'code not recorded'})" for p in other))
+
+
 def _git(state: Any) -> str:
     if not isinstance(state, Mapping):
         return "not a git checkout"
@@ -339,7 +341,8 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, 
     config = yaml.safe_dump(_plain(provenance["config"]), sort_keys=False, allow_unicode=True).rstrip()
     md += ["", "## Provenance", "", f"- command: `{provenance['command']}`", f"- seed: {provenance['seed']}",
            f"- timestamp: {provenance['timestamp']}", f"- machine: {_machine(provenance['machine'])}",
-           f"- git: {_git(provenance['git'])}", "",
+           f"- git: {_git(provenance['git'])}",
+           f"- artifacts: {_artifacts(provenance.get('artifacts') or {}, provenance['git'])}", "",
            "Config:", "", "```yaml", config, "```", ""]
     paths["markdown"].write_text("\n".join(md), encoding="utf-8")
     return paths
