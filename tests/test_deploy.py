@@ -217,3 +217,13 @@ def test_latency_model_matches_accuracy_and_adds_up(tmp_path, artifacts):
     want = 3 * m["device_encode_ms"] + 8 * 400 / 1e3 + 5 + m["server_decode_ms"] + m["server_heads_ms"]
     assert report["table"][0]["jpeg"] == pytest.approx(want)
     assert (tmp_path / "latency.png").stat().st_size > 0 and "| 10 |" in (tmp_path / "latency.md").read_text()
+
+
+def test_latency_matching_follows_metric_direction():
+    """For an error (lower is better), a baseline point matches mtfc when its error is at most mtfc's."""
+    rows = [{**_row("mtfc", 1.0, "count", 0.5, 100), "metric_direction": "lower"},
+            *[{**_row("jpeg", q, "count", m, n), "metric_direction": "lower"}
+              for q, m, n in [(10, 0.9, 300), (20, 0.5, 400), (50, 0.2, 900)]]]
+    target, chosen = match_baselines(rows, 1.0)
+    assert target == {"count": 0.5}
+    assert chosen["jpeg"]["rate_point"] == 20 and chosen["jpeg"]["matched"]
