@@ -1,38 +1,45 @@
 """The mtfc bitstream container: what crosses the network for one image.
 
-Layout (format version 2; integers marked *varint* are unsigned LEB128, 1 byte below 128)::
+Layout (format version 3; integers marked *varint* are unsigned LEB128, 1 byte below 128)::
 
-    offset  size      field
-    0       4         magic  b"MTFC"
-    4       1         format version (2)
-    5       4         codec fingerprint: first 4 bytes of ``Codec.fingerprint``
-    9       varint    input height H      (pixels)
-            varint    input width  W
-            varint    latent channels C
-            varint    latent height h
-            varint    latent width  w
-            1         number of payloads n (1: factorized prior; 2: y and z of the hyperprior)
-            varint×n  payload lengths
-            ...       payloads: constriction ANS words (little-endian) coding CompressAI's tables, in
-                      that order (see :mod:`mtfc.entropy_coding`)
-    end-4   4         CRC-32 (zlib) of every byte before it, big-endian
+    size      field
+    1         format byte 0b1011_0nnf: the high nibble 0xB marks an mtfc version-3 stream,
+              nn = number of payloads − 1 (1: factorized prior; 2: y and z of the hyperprior),
+              f = 1 when the original image size follows the coded size
+    2         codec fingerprint: first 2 bytes of ``Codec.fingerprint``
+    varint    coded height H, varint coded width W (pixels the codec encoded)
+    varint×2  original height H0 and width W0 (only when f = 1): the image's size before the device
+              resized it, which heads map their predictions back to
+    varint×(n−1)  lengths of every payload but the last (the last runs to the checksum)
+    ...       payloads: constriction ANS words (little-endian) coding CompressAI's tables, in that
+              order (see :mod:`mtfc.entropy_coding`)
+    2         CRC-16/CCITT (``binascii.crc_hqx``) of every byte before it, big-endian
 
-bpp counts every byte of it: ``8 * len(stream) / (H * W)``. Version 1 had the same layout with
-CompressAI's rANS strings as payloads; its decoder read past forged payloads, so version 1 is refused.
-An image has at most :data:`MAX_PIXELS` pixels: the decoder's work and memory grow with the size a
-header announces, whatever the payload's length.
+The latent's shape is not sent: the receiving codec derives it from (H, W). A factorized stream of a
+32×32 image carries 7 bytes besides its payload (version 2 carried 20: 0.16 bpp at 32×32). bpp counts
+every byte of it: ``8 * len(stream) / (H * W)``.
+
+What the checks prove: the checksum catches transmission errors, not forgeries (anyone can compute
+one); the 2-byte fingerprint catches a stream sent to the wrong codec (one pair of codecs in 65,536
+shares a prefix; such a stream then decodes to noise or fails its end mark). Safety against forged
+streams is the decoder's (:mod:`mtfc.entropy_coding`): every byte string either raises a
+:class:`BitstreamError` or decodes to a latent within the prior's bounds. An image has at most
+:data:`MAX_PIXELS` pixels: the decoder's work and memory grow with the size a header announces,
+whatever the payload's length. Versions 1 and 2 (which began with the bytes ``MTFC``) are refused.
 """
 from __future__ import annotations
 
+import binascii
 import struct
-import zlib
 from dataclasses import dataclass
 
-MAGIC = b"MTFC"
-VERSION = 2
-FINGERPRINT_BYTES = 4
+FORMAT_MARK = 0xB0
+VERSION = 3
+FINGERPRINT_BYTES = 2
 MAX_PIXELS = 4096 * 4096
-_MIN_LEN = len(MAGIC) + 1 + FINGERPRINT_BYTES + 5 + 1 + 1 + 4
+MAX_PAYLOADS = 4
+_OLD_MAGIC = b"MTFC"  # versions 1 and 2
+_MIN_LEN = 1 + FINGERPRINT_BYTES + 2 + 2
 
 
 class BitstreamError(ValueError):
@@ -40,7 +47,7 @@ class BitstreamError(ValueError):
 
 
 class NotAStreamError(BitstreamError):
-    """The bytes do not start with the mtfc magic."""
+    """The bytes do not start with an mtfc format byte."""
 
 
 class UnsupportedVersionError(BitstreamError):
@@ -65,9 +72,15 @@ class ImageTooLargeError(CorruptStreamError):
 
 @dataclass(frozen=True)
 class Header:
+    """What a stream says about its image. ``original_size`` defaults to ``image_size``."""
+
     fingerprint: bytes
     image_size: tuple[int, int]
-    latent_shape: tuple[int, int, int]
+    original_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", tuple(self.image_size))
+        object.__setattr__(self, "original_size", tuple(self.original_size or self.image_size))
 
 
 def _varint(n: int) -> bytes:
@@ -99,67 +112,64 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
 def pack(header: Header, payloads: list[bytes]) -> bytes:
     """Serialize one image's header and entropy-coded payloads."""
     if len(header.fingerprint) != FINGERPRINT_BYTES:
-        raise ValueError("fingerprint must be 4 bytes")
-    body = bytearray(MAGIC)
-    body.append(VERSION)
+        raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
+    if not 1 <= len(payloads) <= MAX_PAYLOADS:
+        raise ValueError(f"a stream holds 1 to {MAX_PAYLOADS} payloads, got {len(payloads)}")
+    has_original = header.original_size != header.image_size
+    body = bytearray([FORMAT_MARK | (len(payloads) - 1) << 1 | has_original])
     body += header.fingerprint
-    for v in (*header.image_size, *header.latent_shape):
+    for v in (*header.image_size, *(header.original_size if has_original else ())):
         body += _varint(v)
-    body.append(len(payloads))
-    for p in payloads:
+    for p in payloads[:-1]:
         body += _varint(len(p))
     for p in payloads:
         body += p
-    return bytes(body) + struct.pack(">I", zlib.crc32(body))
+    return bytes(body) + struct.pack(">H", binascii.crc_hqx(body, 0))
 
 
 def unpack(stream: bytes, fingerprint: bytes | None = None) -> tuple[Header, list[bytes]]:
     """Validate and parse a stream; raise a :class:`BitstreamError` subclass on any problem.
 
-    ``fingerprint``: the receiving codec's fingerprint prefix; a stream from another codec is rejected.
+    ``fingerprint``: the receiving codec's fingerprint (or its prefix); a stream from another codec is rejected.
     """
     if not isinstance(stream, (bytes, bytearray, memoryview)):
         raise BitstreamError(f"a bitstream must be bytes, got {type(stream).__name__}")
     stream = bytes(stream)
-    if not stream or stream[: len(MAGIC)] != MAGIC[: len(stream)]:
-        raise NotAStreamError("not an mtfc bitstream (wrong magic bytes)")
+    if stream[:4] == _OLD_MAGIC:
+        version = stream[4] if len(stream) > 4 else "1 or 2"
+        raise UnsupportedVersionError(f"bitstream format version {version}; this mtfc reads version {VERSION} only: "
+                                      "re-encode the image with this mtfc")
+    if not stream or stream[0] & 0xF8 != FORMAT_MARK:
+        raise NotAStreamError("not an mtfc bitstream (wrong format byte)")
     if len(stream) < _MIN_LEN:
         raise TruncatedStreamError(f"stream is {len(stream)} bytes, shorter than the smallest valid stream")
-    if stream[4] != VERSION:
-        raise UnsupportedVersionError(f"bitstream format version {stream[4]}; this mtfc reads version {VERSION} only: "
-                                      "re-encode the image with this mtfc")
-    fp = stream[5 : 5 + FINGERPRINT_BYTES]
+    n, has_original = ((stream[0] >> 1) & 0b11) + 1, stream[0] & 1
+    fp = stream[1 : 1 + FINGERPRINT_BYTES]
     if fingerprint is not None and fp != fingerprint[:FINGERPRINT_BYTES]:
         raise CodecMismatchError(
-            f"stream was encoded by codec {fp.hex()}, this codec is {fingerprint[:FINGERPRINT_BYTES].hex()}")
-    pos = 5 + FINGERPRINT_BYTES
+            f"stream was encoded by codec {fp.hex()}…, this codec is {fingerprint[:FINGERPRINT_BYTES].hex()}…")
+    pos = 1 + FINGERPRINT_BYTES
     fields = []
-    for _ in range(5):
+    for _ in range(2 + 2 * has_original + n - 1):
         v, pos = _read_varint(stream, pos)
         fields.append(v)
-    if pos >= len(stream):
-        raise TruncatedStreamError("stream ends inside its header")
-    n = stream[pos]
-    pos += 1
-    lengths = []
-    for _ in range(n):
-        v, pos = _read_varint(stream, pos)
-        lengths.append(v)
-    end = pos + sum(lengths)
-    if end + 4 > len(stream):
-        raise TruncatedStreamError(f"stream announces {end + 4} bytes but has {len(stream)}")
-    if end + 4 < len(stream):
-        raise CorruptStreamError(f"{len(stream) - end - 4} unexpected bytes after the payload")
-    (crc,) = struct.unpack(">I", stream[end:])
-    if zlib.crc32(stream[:end]) != crc:
-        raise CorruptStreamError("checksum mismatch: the stream was altered in transit")
+    sizes, lengths = fields[: 2 + 2 * has_original], fields[2 + 2 * has_original :]
+    end = len(stream) - 2
+    if pos + sum(lengths) > end:
+        raise TruncatedStreamError(f"stream announces at least {pos + sum(lengths) + 2} bytes but has {len(stream)}")
+    (crc,) = struct.unpack(">H", stream[end:])
+    if binascii.crc_hqx(stream[:end], 0) != crc:
+        raise CorruptStreamError("checksum mismatch: the stream was altered or cut short in transit")
     payloads = []
-    for length in lengths:
+    for length in [*lengths, end - pos - sum(lengths)]:
         payloads.append(stream[pos : pos + length])
         pos += length
-    H, W, C, h, w = fields
-    if min(fields) == 0 or n == 0:
-        raise CorruptStreamError(f"invalid header: image {H}x{W}, latent {C}x{h}x{w}, {n} payloads")
+    H, W = sizes[:2]
+    if min(sizes) == 0:
+        raise CorruptStreamError(f"invalid header: image {'x'.join(map(str, sizes))}")
     if H * W > MAX_PIXELS:
         raise ImageTooLargeError(f"header announces a {H}x{W} image; a stream holds at most {MAX_PIXELS} pixels")
-    return Header(fp, (H, W), (C, h, w)), payloads
+    if has_original and sizes[2] * sizes[3] > MAX_PIXELS:
+        raise ImageTooLargeError(f"header announces an original size of {sizes[2]}x{sizes[3]}; "
+                                 f"at most {MAX_PIXELS} pixels")
+    return Header(fp, (H, W), tuple(sizes[2:]) or None), payloads

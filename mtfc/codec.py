@@ -13,23 +13,21 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-from compressai.entropy_models import EntropyBottleneck
-from compressai.latent_codecs import (EntropyBottleneckLatentCodec, GaussianConditionalLatentCodec,
-                                      HyperLatentCodec, HyperpriorLatentCodec)
 from compressai.layers import GDN
 from compressai.models import CompressionModel
-from compressai.models.utils import conv, deconv
+from compressai.models.utils import conv
 from torch import nn
 
 from mtfc import bitstream
 from mtfc.checkpoint import CODEC, CheckpointError, load_checkpoint, save_checkpoint
-from mtfc.entropy_coding import LatentCoder, latent_coder
+from mtfc.entropy_coding import LatentCoder
+from mtfc.priors import PRIORS
 from mtfc.teacher import normalize
 
-KINDS = ("factorized", "hyperprior")
+KINDS = tuple(PRIORS)
 DEFAULT_ENCODER = "light"
 LEGACY_ENCODER = "es"  # what a config without the ``encoder`` key (every artifact before it existed) means
 
@@ -115,8 +113,9 @@ class Codec(CompressionModel):
     """Encoder + entropy model (+ the distillation decoder used in stage 1).
 
     Args:
-        kind: ``"factorized"`` (EntropyBottleneck prior) or ``"hyperprior"`` (mean-scale Gaussian
-            conditional with a hyper encoder/decoder), both composed from ``compressai.latent_codecs``.
+        kind: the prior, a key of :data:`mtfc.priors.PRIORS`: ``"factorized"`` (EntropyBottleneck) or
+            ``"hyperprior"`` (mean-scale Gaussian conditional with a hyper encoder/decoder), each a
+            ``compressai.latent_codecs`` latent codec with its bounds-safe coder.
         latent_channels: channels of the transmitted latent.
         hidden_channels: width of the encoder (at stride 4) and decoder.
         out_channels: channels of the teacher's ``layer1`` features the decoder imitates.
@@ -140,18 +139,9 @@ class Codec(CompressionModel):
         if encoder != LEGACY_ENCODER:
             self.config["encoder"] = encoder
         N, C = hidden_channels, latent_channels
+        self.prior = PRIORS[kind]
         self.g_a = build_encoder(encoder, N, C)
-        if kind == "factorized":
-            self.latent_codec = EntropyBottleneckLatentCodec(channels=C)
-        else:
-            h_a = nn.Sequential(conv(C, N, 3, 1), nn.ReLU(inplace=True), conv(N, N, 5, 2),
-                                nn.ReLU(inplace=True), conv(N, N, 5, 2))
-            h_s = nn.Sequential(deconv(N, N, 5, 2), nn.ReLU(inplace=True), deconv(N, N * 3 // 2, 5, 2),
-                                nn.ReLU(inplace=True), conv(N * 3 // 2, 2 * C, 3, 1))
-            self.latent_codec = HyperpriorLatentCodec(latent_codec={
-                "y": GaussianConditionalLatentCodec(quantizer="ste"),
-                "hyper": HyperLatentCodec(EntropyBottleneck(N), h_a, h_s, quantizer="ste"),
-            })
+        self.latent_codec = self.prior.build(C, N)
         self.decoder = LatentDecoder(C, out_channels, N)
         self.meta: dict[str, Any] = {}
         self._fingerprint: str | None = None
@@ -179,7 +169,7 @@ class Codec(CompressionModel):
     @property
     def size_divisibility(self) -> int:
         """Input height and width must be multiples of this (4, or 16 with the hyper branch)."""
-        return 4 if self.kind == "factorized" else 16
+        return self.latent_stride * self.prior.latent_divisibility
 
     @property
     def frozen(self) -> bool:
@@ -225,7 +215,7 @@ class Codec(CompressionModel):
         """The bounds-safe entropy coder of this codec's CompressAI prior (:mod:`mtfc.entropy_coding`);
         built once per frozen state."""
         if self._coder is None or self._coder[0] != self._fingerprint:
-            coder = latent_coder(self.latent_codec)
+            coder = self.prior.coder(self.latent_codec)
             if not self.frozen:
                 return coder
             self._coder = (self._fingerprint, coder)
@@ -264,28 +254,33 @@ class Codec(CompressionModel):
         return self.coder.compress(y)
 
     @torch.no_grad()
-    def pack_latent(self, y: torch.Tensor, image_size: tuple[int, int]) -> list[bytes]:
+    def pack_latent(self, y: torch.Tensor, image_size: tuple[int, int],
+                    original_sizes: Sequence[tuple[int, int]] | None = None) -> list[bytes]:
         """One self-describing bitstream (see :mod:`mtfc.bitstream`) per latent of the batch ``y``
-        (B, C, h, w), computed from images of ``image_size`` (H, W): what :meth:`encode` returns, and what
-        the ONNX device encoder (:class:`mtfc.deploy.Encoder`) sends."""
-        fp = bytes.fromhex(self.fingerprint)
-        header = bitstream.Header(fp[: bitstream.FINGERPRINT_BYTES], tuple(image_size), tuple(y.shape[1:]))
-        return [bitstream.pack(header, self.compress_latent(y[i : i + 1])) for i in range(len(y))]
+        (B, C, h, w), computed from images of ``image_size`` (H, W) that had ``original_sizes`` before
+        the device resized them (default: ``image_size``): what :meth:`encode` returns, and what the
+        ONNX device encoder (:class:`mtfc.deploy.Encoder`) sends."""
+        if original_sizes is not None and len(original_sizes) != len(y):
+            raise ValueError(f"{len(original_sizes)} original sizes for {len(y)} images")
+        fp = bytes.fromhex(self.fingerprint)[: bitstream.FINGERPRINT_BYTES]
+        return [bitstream.pack(bitstream.Header(fp, tuple(image_size), original_sizes and tuple(original_sizes[i])),
+                               self.compress_latent(y[i : i + 1])) for i in range(len(y))]
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> list[bytes]:
-        """One self-describing bitstream per image (see :mod:`mtfc.bitstream`)."""
+    def encode(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]] | None = None) -> list[bytes]:
+        """One self-describing bitstream per image (see :mod:`mtfc.bitstream`); ``original_sizes``: each
+        image's (H, W) before it was resized to the batch's size, sent for the heads (default: unresized)."""
         self._check_images(images)
-        return self.pack_latent(self.g_a(normalize(images)), tuple(images.shape[-2:]))
+        return self.pack_latent(self.g_a(normalize(images)), tuple(images.shape[-2:]), original_sizes)
 
     @torch.no_grad()
     def decode(self, streams: list[bytes]) -> torch.Tensor:
         """Validate and decode streams of equal size into the batched latent ŷ (B, C, h, w)."""
-        return self.decode_with_sizes(streams)[0]
+        return self.decode_with_headers(streams)[0]
 
     @torch.no_grad()
-    def decode_with_sizes(self, streams: list[bytes]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """:meth:`decode`, and the input image size (H, W) each stream's header announces.
+    def decode_with_headers(self, streams: list[bytes]) -> tuple[torch.Tensor, list[bitstream.Header]]:
+        """:meth:`decode`, and each stream's :class:`~mtfc.bitstream.Header` (coded and original image size).
 
         Any byte string either raises a :class:`~mtfc.bitstream.BitstreamError` or decodes to a latent
         within the prior's bounds (:mod:`mtfc.entropy_coding`); decoding keeps no state between streams."""
@@ -297,16 +292,23 @@ class Codec(CompressionModel):
         parsed = [bitstream.unpack(s, fp) for s in streams]
         latents = []
         for header, payloads in parsed:
-            (H, W), (C, h, w) = header.image_size, header.latent_shape
+            H, W = header.image_size
             s, d = self.latent_stride, self.size_divisibility
-            n_payloads = 1 if self.kind == "factorized" else 2
-            if C != self.latent_channels or (h, w) != (H // s, W // s) or H % d or W % d or len(payloads) != n_payloads:
+            n_payloads = self.prior.num_payloads
+            if H % d or W % d or len(payloads) != n_payloads:
                 raise bitstream.CorruptStreamError(
-                    f"header does not match this codec: image {H}x{W}, latent {C}x{h}x{w}, {len(payloads)} payloads")
-            if header.latent_shape != parsed[0][0].latent_shape:
+                    f"header does not match this codec: image {H}x{W} (this codec needs multiples of {d}), "
+                    f"{len(payloads)} payloads (this codec sends {n_payloads})")
+            if header.image_size != parsed[0][0].image_size:
                 raise ValueError("streams of different image sizes cannot be decoded as one batch; decode them separately")
-            latents.append(self.coder.decompress(payloads, (h, w)))
-        return torch.cat(latents), [tuple(header.image_size) for header, _ in parsed]
+            latents.append(self.coder.decompress(payloads, (H // s, W // s)))
+        return torch.cat(latents), [header for header, _ in parsed]
+
+    @torch.no_grad()
+    def decode_with_sizes(self, streams: list[bytes]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """:meth:`decode`, and the coded image size (H, W) each stream's header announces."""
+        latent, headers = self.decode_with_headers(streams)
+        return latent, [h.image_size for h in headers]
 
 
 def save_codec(codec: Codec, path: str | Path) -> Path:

@@ -34,7 +34,7 @@ import constriction
 import numpy as np
 import torch
 from compressai.entropy_models import EntropyModel
-from compressai.latent_codecs import EntropyBottleneckLatentCodec, HyperpriorLatentCodec, LatentCodec
+from compressai.latent_codecs import EntropyBottleneckLatentCodec, HyperpriorLatentCodec
 
 from mtfc.bitstream import CorruptStreamError
 
@@ -160,7 +160,7 @@ class TableCoder:
 class LatentCoder:
     """What a CompressAI latent codec does at inference, with :class:`TableCoder` as its coder:
     :meth:`quantize` (the latent the decoder gets), :meth:`compress` and :meth:`decompress`.
-    Build one with :func:`latent_coder`."""
+    Each prior of :data:`mtfc.priors.PRIORS` names its coder."""
 
     def quantize(self, y: torch.Tensor) -> torch.Tensor:
         """ŷ of a batch of latents ``y`` (B, C, h, w): bit-identical to ``decompress(compress(y))``."""
@@ -257,13 +257,3 @@ class HyperpriorCoder(LatentCoder):
         z_hat = self.bottleneck.decode(z_payload, (1, len(self.bottleneck.medians[0]), h // 4, w // 4))
         indexes, means = self._prior(z_hat)
         return torch.from_numpy(self.tables.decode(y_payload, indexes)).to(means.dtype) + means
-
-
-def latent_coder(latent_codec: LatentCodec) -> LatentCoder:
-    """The :class:`LatentCoder` of a CompressAI latent codec (entropy bottleneck or mean-scale hyperprior)."""
-    if isinstance(latent_codec, EntropyBottleneckLatentCodec):
-        return FactorizedCoder(latent_codec)
-    if isinstance(latent_codec, HyperpriorLatentCodec):
-        return HyperpriorCoder(latent_codec)
-    raise TypeError(f"no safe coder for {type(latent_codec).__name__}; supported: EntropyBottleneckLatentCodec, "
-                    "HyperpriorLatentCodec")

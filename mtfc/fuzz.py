@@ -50,8 +50,8 @@ def forge(legit: bytes, kind: str, rng: np.random.Generator) -> bytes:
         payloads[i] = payloads[i][: int(rng.integers(len(payloads[i])))]  # never empty: see entropy_coding.END_MARK
     elif kind == "oversized":
         factor = int(rng.choice([2, 4, 8, 1024]))
-        (H, W), (C, h, w) = header.image_size, header.latent_shape
-        header = bitstream.Header(header.fingerprint, (H * factor, W * factor), (C, h * factor, w * factor))
+        H, W = header.image_size
+        header = bitstream.Header(header.fingerprint, (H * factor, W * factor))
     elif kind == "bitflip":
         joined = bytearray(b"".join(payloads))
         for bit in rng.choice(8 * len(joined), size=min(int(rng.integers(1, 9)), 8 * len(joined)), replace=False):

@@ -1,5 +1,5 @@
-import struct
-import zlib
+import binascii
+import re
 
 import pytest
 import torch
@@ -24,8 +24,9 @@ def test_bpp_counts_every_byte(codec, images):
     for s in streams:
         header, payloads = bitstream.unpack(s)
         overhead = len(s) - sum(map(len, payloads))
-        assert 15 <= overhead <= 30  # magic, version, fingerprint, sizes, lengths, CRC
-        assert header.image_size == (32, 48) and header.latent_shape == (8, 8, 12)
+        # format byte, 2-byte fingerprint, H and W (1 byte each), the first payload's length (hyperprior), CRC-16
+        assert overhead == 7 + (len(bitstream._varint(len(payloads[0]))) if codec.kind == "hyperprior" else 0)
+        assert header.image_size == header.original_size == (32, 48)
 
 
 def test_streams_are_deterministic(codec, images):
@@ -34,14 +35,18 @@ def test_streams_are_deterministic(codec, images):
 
 @pytest.mark.parametrize("mutate, error", [
     (lambda s: b"JUNK" + s[4:], bitstream.NotAStreamError),
-    (lambda s: s[:4] + bytes([9]) + s[5:], bitstream.UnsupportedVersionError),
-    (lambda s: s[: len(s) // 2], bitstream.TruncatedStreamError),
-    (lambda s: s[:10], bitstream.TruncatedStreamError),
-    (lambda s: s[:-6] + bytes([s[-6] ^ 0xFF]) + s[-5:], bitstream.CorruptStreamError),
+    (lambda s: b"MTFC\x02" + s[1:], bitstream.UnsupportedVersionError),
+    (lambda s: bytes([s[0] | 0x08]) + s[1:], bitstream.NotAStreamError),  # the reserved bit
+    # the last payload runs to the checksum, so only the hyperprior's first payload can be seen to be cut short
+    (lambda s: s[: len(s) // 2], {"factorized": bitstream.CorruptStreamError,
+                                  "hyperprior": bitstream.TruncatedStreamError}),
+    (lambda s: s[:6], bitstream.TruncatedStreamError),
+    (lambda s: s[:-4] + bytes([s[-4] ^ 0xFF]) + s[-3:], bitstream.CorruptStreamError),
     (lambda s: s + b"\x00", bitstream.CorruptStreamError),
     (lambda s: b"", bitstream.NotAStreamError),
 ])
 def test_bad_streams_raise_clear_errors(codec, images, mutate, error):
+    error = error[codec.kind] if isinstance(error, dict) else error
     stream = codec.encode(images[:1])[0]
     with pytest.raises(error):
         codec.decode([mutate(stream)])
@@ -62,9 +67,12 @@ def test_forged_header_with_valid_checksum_is_rejected(images):
     codec = tiny_codec()
     stream = codec.encode(images[:1])[0]
     header, payloads = bitstream.unpack(stream)
-    forged = bitstream.pack(bitstream.Header(header.fingerprint, (64, 64), header.latent_shape), payloads)
-    with pytest.raises(bitstream.CorruptStreamError, match="does not match"):
-        codec.decode([forged])
+    for forged, why in [(bitstream.pack(bitstream.Header(header.fingerprint, (30, 48)), payloads),
+                         "image 30x48 (this codec needs multiples of 4), 1 payloads (this codec sends 1)"),
+                        (bitstream.pack(header, [*payloads, b"z"]),
+                         "image 32x48 (this codec needs multiples of 4), 2 payloads (this codec sends 1)")]:
+        with pytest.raises(bitstream.CorruptStreamError, match=rf"^header does not match this codec: {re.escape(why)}$"):
+            codec.decode([forged])
 
 
 def test_stream_from_another_codec_is_rejected(images):
@@ -116,9 +124,27 @@ def test_artifact_errors(tmp_path, images):
         load_codec(tmp_path / "tampered.pt")
 
 
-def test_varint_header_sizes():
-    header = bitstream.Header(b"abcd", (4000, 300), (24, 1000, 75))
+def test_varint_header_sizes_and_the_original_size():
+    header = bitstream.Header(b"ab", (4000, 300), (5000, 375))
     stream = bitstream.pack(header, [b"x" * 200, b"y"])
     assert bitstream.unpack(stream) == (header, [b"x" * 200, b"y"])
-    body = stream[:-4]
-    assert struct.unpack(">I", stream[-4:])[0] == zlib.crc32(body)
+    assert stream[:13] == bytes([0xB3]) + b"ab" + bytes([0xA0, 0x1F, 0xAC, 0x02, 0x88, 0x27, 0xF7, 0x02, 0xC8, 0x01])
+    assert int.from_bytes(stream[-2:], "big") == binascii.crc_hqx(stream[:-2], 0)
+
+
+def test_the_smallest_stream_byte_for_byte():
+    """Pinned bytes of version 3: a 32x32 image, one payload, no original size — 7 bytes besides the payload."""
+    stream = bitstream.pack(bitstream.Header(b"\x12\x34", (32, 32)), [b"abc"])
+    assert stream.hex() == "b01234202061626367c4"
+    assert bitstream.unpack(stream) == (bitstream.Header(b"\x12\x34", (32, 32)), [b"abc"])
+
+
+def test_the_original_size_travels_and_is_bounded(codec, images):
+    streams = codec.encode(images[:1].expand(2, -1, -1, -1), original_sizes=[(30, 45), (32, 48)])
+    _, headers = codec.decode_with_headers(streams)
+    assert [(h.image_size, h.original_size) for h in headers] == [((32, 48), (30, 45)), ((32, 48), (32, 48))]
+    assert len(streams[0]) == len(streams[1]) + 2
+    forged = bitstream.pack(bitstream.Header(headers[0].fingerprint, (32, 48), (8192, 4096)),
+                            bitstream.unpack(streams[0])[1])
+    with pytest.raises(bitstream.ImageTooLargeError, match="original size of 8192x4096; at most 16777216 pixels"):
+        codec.decode([forged])

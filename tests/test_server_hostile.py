@@ -81,10 +81,9 @@ def test_served_sizes_default_to_the_training_sizes_and_others_are_refused_at_th
         served_image_sizes(build_model(frozen_codec, cla=("classification", {"num_classes": 3})), ServerConfig())
     with pytest.raises(ValueError, match="multiples of 4"):
         served_image_sizes(model, ServerConfig(image_sizes=[(30, 32)]))
-    fp = bytes.fromhex(frozen_codec.fingerprint)[:4]
-    C = frozen_codec.latent_channels
+    fp = bytes.fromhex(frozen_codec.fingerprint)[: bitstream.FINGERPRINT_BYTES]
     # the 45-byte stream announcing 4096x4096 cost 40 CPU-seconds; now it never reaches a decoder
-    forged = bitstream.pack(bitstream.Header(fp, (4096, 4096), (C, 1024, 1024)), [b"\xff" * 4])
+    forged = bitstream.pack(bitstream.Header(fp, (4096, 4096)), [b"\xff" * 4])
     assert len(forged) < 45
     with TestClient(create_app(model)) as client:
         assert client.get("/info").json()["image_sizes"] == [[32, 32]]

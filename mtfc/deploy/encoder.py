@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ class Encoder:
         return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0])
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> list[bytes]:
+    def encode(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]] | None = None) -> list[bytes]:
         """One :mod:`mtfc.bitstream` stream per image, packed by :meth:`mtfc.Codec.pack_latent` as
         :meth:`mtfc.Codec.encode` packs it; images with NaN or infinite values are refused (``ValueError``)."""
-        return self.codec.pack_latent(self.latent(images), tuple(images.shape[-2:]))
+        return self.codec.pack_latent(self.latent(images), tuple(images.shape[-2:]), original_sizes)

@@ -37,31 +37,29 @@ def bad_bodies(stream: bytes, max_body_bytes: int) -> dict[str, tuple[bytes, tup
     server may answer."""
     header, payloads = bitstream.unpack(stream)
     other_codec = bytes(b ^ 0xFF for b in header.fingerprint)
-    C = header.latent_shape[0]
     return {
         "empty": (b"", (400,)),
         "wrong-magic": (b"JUNK" + stream[4:], (400,)),
-        "unsupported-version": (stream[:4] + bytes([9]) + stream[5:], (400,)),
-        "other-codec": (bitstream.pack(bitstream.Header(other_codec, header.image_size, header.latent_shape), payloads),
-                        (400,)),
-        "truncated": (stream[: len(stream) // 2], (400,)),
-        "corrupt": (stream[:-6] + bytes([stream[-6] ^ 0xFF]) + stream[-5:], (400,)),
-        "forged-huge-image": (bitstream.pack(bitstream.Header(header.fingerprint, (1 << 16, 1 << 16),
-                                                              (C, 1 << 14, 1 << 14)), payloads), (413,)),
+        "unsupported-version": (b"MTFC\x02" + stream[1:], (400,)),
+        "other-codec": (bitstream.pack(bitstream.Header(other_codec, header.image_size), payloads), (400,)),
+        "truncated": (stream[:4], (400,)),  # cut inside its header (a cut payload fails its checksum)
+        "corrupt": (stream[:-4] + bytes([stream[-4] ^ 0xFF]) + stream[-3:], (400,)),
+        "forged-huge-image": (bitstream.pack(bitstream.Header(header.fingerprint, (1 << 16, 1 << 16)), payloads),
+                              (413,)),
         # valid header and CRC, forged payload: fails decoding or crashes the decoder (400) or decodes to noise (200)
         "forged-payload": (bitstream.pack(header, [b"\xff" * 4 for _ in payloads]), (200, 400)),
         "oversized": (os.urandom(max_body_bytes + 1), (413,)),
     }
 
 
-def max_size_body(stream: bytes, image_size: tuple[int, int], stride: int, seed: int = 0) -> bytes:
+def max_size_body(stream: bytes, image_size: tuple[int, int], seed: int = 0) -> bytes:
     """A forged stream (valid header and CRC, random payload) announcing ``image_size`` — the largest
     size a server serves, so the most decoding work a stream can ask for. It decodes to noise (200)
     or fails decoding (400)."""
     header, payloads = bitstream.unpack(stream)
     rng = random.Random(seed)
     H, W = image_size
-    forged = bitstream.Header(header.fingerprint, (H, W), (header.latent_shape[0], H // stride, W // stride))
+    forged = bitstream.Header(header.fingerprint, (H, W))
     return bitstream.pack(forged, [bytes(rng.randrange(256) for _ in range(256)) for _ in payloads])
 
 
@@ -295,8 +293,7 @@ def load_test(codec: str | Path, heads: dict[str, str | Path], images: Sequence[
     expected = expected_predictions(model, streams)
     allowed = {f"valid-{i}": (200,) for i in range(len(streams))} | {"max-size": (200, 400)}
     bodies = {f"valid-{i}": s for i, s in enumerate(streams)}
-    bodies["max-size"] = max_size_body(streams[0], max(config.image_sizes, key=lambda s: s[0] * s[1]),
-                                       model.codec.latent_stride, seed)
+    bodies["max-size"] = max_size_body(streams[0], max(config.image_sizes, key=lambda s: s[0] * s[1]), seed)
     for kind, (body, statuses) in bad_bodies(streams[0], config.max_body_bytes).items():
         bodies[kind], allowed[kind] = body, statuses
     bad = [k for k in bodies if not k.startswith("valid") and k != "max-size"]
