@@ -540,11 +540,17 @@ class Pipeline:
         return rows
 
     def report(self, rows: list[dict[str, Any]], command: str | None = None) -> dict[str, Path]:
-        from mtfc.evaluation.report import collect_provenance, write_report
+        from mtfc.evaluation.report import collect_provenance, disk_usage, write_report
 
         prov = collect_provenance(config=self.cfg.to_dict(), seed=self.seed, device=self.device, command=command,
-                                  artifacts={str(p): written_by(p) for p in self.artifacts() if p.is_file()})
+                                  artifacts={str(p): written_by(p) for p in self.artifacts() if p.is_file()},
+                                  disk=disk_usage(self.artifact_dirs()))
         return write_report(rows, self.out / "report", provenance=prov, training=self.training_logs())
+
+    def artifact_dirs(self) -> dict[str, Path]:
+        """Where each kind of artifact lives under ``out_dir`` (with its training logs and state)."""
+        return {"teacher": self.out / "teacher", "references": self.out / "reference", "codecs": self.out / "bottleneck",
+                "heads": self.out / "heads", "caches": self.out / "cache"}
 
     def artifacts(self) -> list[Path]:
         """Every artifact the results use: teacher, codecs, reference heads and heads."""
