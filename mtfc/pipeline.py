@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from mtfc.checkpoint import TEACHER, TRAIN_STATE, CheckpointError, load_checkpoint, written_by
 from mtfc.codec import Codec, load_codec
 from mtfc.config import DATA_GENERIC, DATA_LOCATION, Config, StageConfig
-from mtfc.engine import seed_everything
+from mtfc.engine import on_rank_zero, seed_everything
 from mtfc.head import HEADS, Head, HeadContext, geometry_of
 from mtfc.model import MultiTaskModel, read_head_checkpoint
 from mtfc.teacher import (build_teacher, candidate_taps, is_local_weights, pretrained_cache_file, pretrained_fixes,
@@ -331,9 +331,13 @@ class Pipeline:
             reason = f"the interrupted run in {state} trained other inputs than this config's"
         else:
             return False
-        aside = path.parent.with_name(f"{path.parent.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        path.parent.rename(aside)
-        _log(f"{what}: {reason}; moved its folder to {aside}, retraining")
+
+        def move_aside() -> None:  # once, by rank 0 under torchrun (every rank gets here)
+            aside = path.parent.with_name(f"{path.parent.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            path.parent.rename(aside)
+            _log(f"{what}: {reason}; moved its folder to {aside}, retraining")
+
+        on_rank_zero(move_aside, self.device)
         return False
 
     # -- stages ------------------------------------------------------------------------------------
