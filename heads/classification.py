@@ -1,13 +1,13 @@
 """Image classification on the shared latent, distilled from the teacher (Entropic Student, stage 2)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtfc.head import HEADS, Distillation, Head, HeadContext, LatentResNet, Targets, trunk_kwargs
+from mtfc.head import HEADS, Distillation, Head, HeadContext, ImageGeometry, LatentResNet, Targets, trunk_kwargs
 from mtfc.metrics import ClassificationEvaluator
 
 
@@ -44,7 +44,7 @@ class ClassificationHead(Head):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.trunk(x)["layer4"], 1), 1))
 
-    def predict(self, latent: torch.Tensor, targets: Targets | None = None) -> list[torch.Tensor]:
+    def predict(self, latent: torch.Tensor, images: Sequence[ImageGeometry] | None = None) -> list[torch.Tensor]:
         return list(self.logits(latent))
 
     def loss(self, latent: torch.Tensor, targets: Targets, distill: Distillation | None = None) -> dict[str, torch.Tensor]:

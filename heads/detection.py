@@ -40,7 +40,8 @@ from torch import nn
 
 from mtfc.codec import Codec
 from mtfc.distill import bounded_regression, hint_loss, weighted_soft_ce
-from mtfc.head import HEADS, Distillation, Head, HeadContext, LatentResNet, Targets, trunk_kwargs
+from mtfc.head import (HEADS, Distillation, Head, HeadContext, ImageGeometry, LatentResNet, Targets, image_sizes,
+                       trunk_kwargs)
 from mtfc.teacher import STAGES
 
 with warnings.catch_warnings():  # detectron2.model_zoo imports pkg_resources, which setuptools deprecates
@@ -156,8 +157,8 @@ class DetectionHead(Head):
     :meth:`loss` returns Detectron2's losses (``loss_rpn_cls``, ``loss_rpn_loc``, ``loss_cls``,
     ``loss_box_reg``; distilled, also ``loss_cls_kd``, ``loss_box_bounded``, ``loss_hint``). :meth:`predict`: one ``{"instances": Instances}`` per image — Detectron2's
     model output, with ``pred_boxes`` (XYXY pixels of the fed image, like the targets' ``boxes``),
-    ``scores`` and ``pred_classes`` (0..K-1) — which :class:`DetectionEvaluator` scores. Image sizes
-    come from the targets' ``image_size``, else from the latent (× 4). Any input size works: the
+    ``scores`` and ``pred_classes`` (0..K-1) — which :class:`DetectionEvaluator` scores. Each image's
+    size is its record's ``image_size`` (:class:`~mtfc.head.ImageGeometry`). Any input size works: the
     head zero-pads the input bottom/right to multiples of 32 pixels (the FPN's ``size_divisibility``)
     and boxes are clipped to the unpadded image.
 
@@ -202,17 +203,17 @@ class DetectionHead(Head):
                                      anchor_sizes=anchor_sizes, overrides=overrides)
         self.detector = build_model(self.cfg)
 
-    def predict(self, latent: torch.Tensor, targets: Targets | None = None) -> list[dict[str, Instances]]:
-        latent, images = self._image_list(latent, targets)
+    def predict(self, latent: torch.Tensor, images: Sequence[ImageGeometry] | None = None) -> list[dict[str, Instances]]:
+        latent, image_list = self._image_list(latent, images)
         det = self.detector
         features = det.backbone(latent)
-        proposals, _ = det.proposal_generator(images, features, None)
-        results, _ = det.roi_heads(images, features, proposals, None)
+        proposals, _ = det.proposal_generator(image_list, features, None)
+        results, _ = det.roi_heads(image_list, features, proposals, None)
         return [{"instances": r} for r in results]
 
     def loss(self, latent: torch.Tensor, targets: Targets, distill: Distillation | None = None) -> dict[str, torch.Tensor]:
+        gt = self._gt_instances(targets, latent.device)
         latent, images = self._image_list(latent, targets)
-        gt = self._gt_instances(targets, images.image_sizes, latent.device)
         det = self.detector
         features = det.backbone(latent)
         with EventStorage():  # Detectron2's RPN and ROI heads log training statistics to the current storage
@@ -264,38 +265,33 @@ class DetectionHead(Head):
         shapes, t_shapes = self.detector.backbone.output_shape(), teacher.detector.backbone.output_shape()
         return nn.ModuleList(nn.Conv2d(shapes[k].channels, t_shapes[k].channels, 1) for k in shapes)
 
-    def _image_list(self, latent: torch.Tensor, targets: Targets | None) -> tuple[torch.Tensor, ImageList]:
+    def _image_list(self, latent: torch.Tensor, images: Sequence[Any] | None) -> tuple[torch.Tensor, ImageList]:
         """``latent`` zero-padded bottom/right to the FPN's ``size_divisibility``, and the Detectron2
-        ``ImageList`` that holds the unpadded image sizes (the RPN and the ROI heads clip boxes to them)."""
+        ``ImageList`` that holds each image's size from its record (``images``: geometry records or
+        targets, both with ``image_size``); the RPN and the ROI heads clip boxes to them."""
         stride = self.detector.backbone.bottom_up.input_stride
         if latent.dim() != 4 or latent.shape[1] != self.in_channels:
             what = "images" if stride == 1 else "latent"
             raise ValueError(f"the detection head expects a (B, {self.in_channels}, h, w) {what}, "
                              f"got shape {tuple(latent.shape)}")
         H, W = latent.shape[-2] * stride, latent.shape[-1] * stride
-        if targets is None:
-            sizes = [(H, W)] * len(latent)
-        else:
-            if len(targets) != len(latent):
-                raise ValueError(f"got {len(targets)} targets for a batch of {len(latent)}")
-            sizes = [tuple(int(v) for v in t.get("image_size", (H, W))) for t in targets]
-            for t, (h, w) in zip(targets, sizes):
-                if not (0 < h <= H and 0 < w <= W):
-                    raise ValueError(f"image {t.get('image_id', '?')}: target image_size {(h, w)} does not fit "
-                                     f"the {H}x{W} input")
+        sizes = image_sizes(images, len(latent), "the detection head")
+        for r, (h, w) in zip(images, sizes):
+            if not (0 < h <= H and 0 < w <= W):
+                raise ValueError(f"image {r.get('image_id', '?')}: image_size {(h, w)} does not fit the {H}x{W} input")
         padded = _pad_to(latent, self.detector.backbone.size_divisibility // stride)
         # The RPN and ROI heads read only image_sizes; the tensor stands for the padded batch (no pixels here).
         return padded, ImageList(latent.new_empty((len(latent), 0, *(n * stride for n in padded.shape[-2:]))), sizes)
 
-    def _gt_instances(self, targets: Targets | None, sizes: list[tuple[int, int]],
-                      device: torch.device) -> list[Instances]:
+    def _gt_instances(self, targets: Targets | None, device: torch.device) -> list[Instances]:
         if targets is None:
             raise ValueError(f"training the detection head needs targets with {list(self.required_targets)}")
         gt = []
-        for t, size in zip(targets, sizes):
+        for t in targets:
             missing = [k for k in self.required_targets if k not in t]
             if missing:
                 raise ValueError(f"image {t.get('image_id', '?')}: detection targets lack {missing}")
+            size = tuple(int(v) for v in t["image_size"])
             boxes = torch.as_tensor(t["boxes"], dtype=torch.float32, device=device).reshape(-1, 4)
             classes = torch.as_tensor(t["classes"], dtype=torch.int64, device=device).reshape(-1)
             if len(boxes) != len(classes):

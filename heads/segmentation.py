@@ -25,7 +25,8 @@ from mmseg.structures import SegDataSample
 from torch import nn
 
 from mtfc.distill import nfd_loss
-from mtfc.head import HEADS, Distillation, Head, HeadContext, LatentResNet, Targets, trunk_kwargs
+from mtfc.head import (HEADS, Distillation, Head, HeadContext, ImageGeometry, LatentResNet, Targets, image_sizes,
+                       trunk_kwargs)
 from mtfc.teacher import STAGES, stage_channels
 
 IGNORE_INDEX = 255
@@ -79,8 +80,8 @@ class SegmentationHead(Head):
 
     ``num_classes`` counts background (dataset classes + 1); target ``sem_seg`` uses 0 for
     background, k+1 for class k and 255 for ignored pixels. Training returns MMSeg's loss dict
-    (``{"loss_ce": ...}``); eval returns one (H, W) int64 label map per image at the input size
-    (``image_size`` of the targets, else the latent's size × 4).
+    (``{"loss_ce": ...}``); eval returns one (H, W) int64 label map per image at its record's
+    ``image_size`` (:class:`~mtfc.head.ImageGeometry`).
 
     Distilled from the reference segmenter (``distill: true`` in its config), it adds normalized
     feature distillation on the four backbone stages with weight ``nfd`` (:func:`mtfc.distill.nfd_loss`).
@@ -134,10 +135,16 @@ class SegmentationHead(Head):
             losses["loss_nfd"] = self.nfd * nfd_loss(feats, teacher, distill.adapters)
         return losses
 
-    def predict(self, latent: torch.Tensor, targets: Targets | None = None) -> list[torch.Tensor]:
-        size = self._input_size(latent, targets)
-        logits = self.decode_head.predict(self.backbone(latent), [{"img_shape": size}] * len(latent), None)
-        return list(logits.argmax(1))
+    def predict(self, latent: torch.Tensor, images: Sequence[ImageGeometry] | None = None) -> list[torch.Tensor]:
+        """One (H, W) label map per image at its record's ``image_size``: the logits are upsampled to
+        the input canvas and each image's top-left ``image_size`` is kept (the padding is dropped)."""
+        sizes = image_sizes(images, len(latent), "the segmentation head")
+        canvas = self._canvas(latent)
+        for h, w in sizes:
+            if not (0 < h <= canvas[0] and 0 < w <= canvas[1]):
+                raise ValueError(f"image_size {(h, w)} does not fit the {canvas[0]}x{canvas[1]} input")
+        logits = self.decode_head.predict(self.backbone(latent), [{"img_shape": canvas}] * len(latent), None)
+        return [labels[:h, :w] for labels, (h, w) in zip(logits.argmax(1), sizes)]
 
     def distill_adapters(self, teacher: nn.Module) -> nn.ModuleList | None:
         """NFD's adaptation layers: a 1×1 convolution per backbone stage (student → teacher channels)."""
@@ -145,9 +152,8 @@ class SegmentationHead(Head):
             return None
         return nn.ModuleList(nn.Conv2d(self.backbone.channels[s], teacher.backbone.channels[s], 1) for s in STAGES)
 
-    def _input_size(self, latent: torch.Tensor, targets: Targets | None) -> tuple[int, int]:
-        if targets and "image_size" in targets[0]:
-            return tuple(int(s) for s in targets[0]["image_size"])
+    def _canvas(self, latent: torch.Tensor) -> tuple[int, int]:
+        """The input's (H, W): the images' for a reference head, else the latent's × its stride."""
         if self.backbone.on_pixels:
             return tuple(latent.shape[-2:])
         return tuple(int(s) * self.backbone.strides["layer1"] for s in latent.shape[-2:])

@@ -104,6 +104,7 @@ def _train_head(args: argparse.Namespace) -> int:
 @command("evaluate", "per-task rate–accuracy of mtfc, image codecs and the uncompressed reference")(_config_options)
 def _evaluate(args: argparse.Namespace) -> int:
     p = _pipeline(args)
+    p.validate()
     paths = p.report(p.evaluate(), args.command_line)
     print(f"report: {paths['markdown']}")
     return 0

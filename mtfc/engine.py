@@ -125,6 +125,20 @@ def _setup_distributed(device: str | torch.device | None) -> tuple[int, int, tor
     return 0, 1, device
 
 
+def on_rank_zero(fn: Callable[[], Any], device: str | torch.device | None = None) -> Any:
+    """``fn()`` on rank 0 only (its result there, ``None`` elsewhere). Under torchrun (the process group
+    is joined here if no stage has yet) every rank first waits until all have arrived, so none is still
+    reading what ``fn`` changes, and then until rank 0 is done, so all see its result."""
+    rank, world_size, _ = _setup_distributed(device)
+    if world_size > 1:
+        dist.barrier()
+    try:
+        return fn() if rank == 0 else None
+    finally:
+        if world_size > 1:
+            dist.barrier()
+
+
 def _gather(obj: Any, world_size: int) -> list[Any]:
     if world_size == 1:
         return [obj]

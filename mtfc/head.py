@@ -7,8 +7,13 @@ tensor the edge server gets from :meth:`mtfc.Codec.decode` — or, for a referen
   a :class:`HeadContext` (latent channels, the dataset's classes and image size, the teacher's arch);
 * ``loss(latent, targets, distill=None)``: training, a dict of scalar losses named ``loss_*``; ``distill``
   is the explicit distillation signal (:class:`Distillation`), given when the config asks for it;
-* ``predict(latent, targets=None)``: one prediction per image; the framework passes the batch's targets
-  or, on the server, ``{"image_size": (H, W)}`` per image from the streams' headers;
+* ``predict(latent, images)``: one prediction per image. ``images`` holds one :class:`ImageGeometry`
+  record per image, ``{"image_size": (H, W), "original_size": (H0, W0)}``: ``image_size`` is the coded
+  image's size (the content at the top-left of the input; the input may be padded beyond it to the
+  codec's divisibility), ``original_size`` the image's size before it was resized. Every caller hands
+  the same records — :meth:`mtfc.MultiTaskModel.run_heads` (evaluation, the server, ``model(streams)``)
+  builds them from the streams' headers, a head's validation from the batch's targets — and a head
+  reads each image's size from its own record, never from the batch or another image's record;
 * ``task``, ``metric``, ``required_targets`` (checked against the dataset before training) and
   ``build_evaluator(dataset)``: an object with ``reset()``, ``process(targets, predictions)`` and
   ``evaluate() -> dict[str, float]``, as Detectron2's ``DatasetEvaluator``.
@@ -23,12 +28,46 @@ from __future__ import annotations
 import importlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence, TypedDict
 
 import torch
 from torch import nn
 
 Targets = list[dict[str, Any]]
+
+
+class ImageGeometry(TypedDict):
+    """One image's geometry, handed to every head's :meth:`Head.predict` (the model of torchvision's
+    ``original_image_sizes`` and Detectron2's per-input height/width): ``image_size`` (H, W), the coded
+    image's size, and ``original_size`` (H0, W0), its size before resizing (equal to ``image_size``
+    until the stream's header carries the original size)."""
+
+    image_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+def geometry(image_size: Sequence[int], original_size: Sequence[int] | None = None) -> ImageGeometry:
+    """The record of one image coded at ``image_size`` from an original of ``original_size``
+    (default: ``image_size``, nothing resized)."""
+    h, w = (int(v) for v in image_size)
+    h0, w0 = (int(v) for v in original_size) if original_size is not None else (h, w)
+    return {"image_size": (h, w), "original_size": (h0, w0)}
+
+
+def geometry_of(targets: Targets) -> list[ImageGeometry]:
+    """The records of a dataset batch: each target's ``image_size`` (the fed image) and ``orig_size``
+    (the file's size, see :mod:`mtfc.data.base`)."""
+    return [geometry(t["image_size"], t.get("orig_size")) for t in targets]
+
+
+def image_sizes(images: Sequence[ImageGeometry] | None, batch: int, head: str) -> list[tuple[int, int]]:
+    """Each image's (H, W) from its record, for a head's :meth:`~Head.predict`; a clear error names
+    ``head`` when the records are missing or do not match the batch."""
+    if images is None or len(images) != batch:
+        got = "none" if images is None else len(images)
+        raise ValueError(f"{head} needs one geometry record per image ({{'image_size': (H, W), 'original_size': "
+                         f"(H0, W0)}}, see mtfc.head.geometry), got {got} for a batch of {batch}")
+    return [tuple(int(v) for v in r["image_size"]) for r in images]
 
 
 class Evaluator(Protocol):
@@ -86,10 +125,11 @@ class Head(nn.Module):
             return self.forward(latent, targets)
         raise NotImplementedError(f"{type(self).__name__} implements neither loss() nor forward()")
 
-    def predict(self, latent: torch.Tensor, targets: Targets | None = None) -> list[Any]:
-        """Inference: one prediction per image, in the format its evaluator consumes."""
+    def predict(self, latent: torch.Tensor, images: Sequence[ImageGeometry] | None = None) -> list[Any]:
+        """Inference: one prediction per image, in the format its evaluator consumes; ``images``: one
+        :class:`ImageGeometry` record per image (each image's size)."""
         if self._legacy_forward():
-            return self.forward(latent, targets)
+            return self.forward(latent, images)
         raise NotImplementedError(f"{type(self).__name__} implements neither predict() nor forward()")
 
     def forward(self, latent: torch.Tensor, targets: Targets | None = None) -> Any:

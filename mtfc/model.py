@@ -9,7 +9,7 @@ from torch import nn
 
 from mtfc.checkpoint import HEAD, CheckpointError, load_checkpoint, save_checkpoint
 from mtfc.codec import Codec
-from mtfc.head import HEADS, Head, Targets
+from mtfc.head import HEADS, Head, ImageGeometry, geometry
 
 
 class MultiTaskModel(nn.Module):
@@ -47,21 +47,34 @@ class MultiTaskModel(nn.Module):
 
     def latent(self, inputs: torch.Tensor | Sequence[bytes]) -> torch.Tensor:
         """ŷ from images (B, 3, H, W) in [0, 1] or from a list of bitstreams."""
-        if isinstance(inputs, torch.Tensor):
-            return self.codec.quantize(inputs)
-        return self.codec.decode(list(inputs))
+        return self.decode(inputs)[0]
 
     @torch.no_grad()
-    def forward(self, inputs: torch.Tensor | Sequence[bytes], targets: Targets | None = None,
-                heads: Sequence[str] | None = None) -> dict[str, Any]:
-        """Predictions of every attached head (or of ``heads``) from one decode. Without ``targets``
-        each head gets ``{"image_size": (H, W)}`` per image, from the streams' headers."""
+    def decode(self, inputs: torch.Tensor | Sequence[bytes]) -> tuple[torch.Tensor, list[ImageGeometry]]:
+        """ŷ and one :class:`~mtfc.head.ImageGeometry` record per image: from the streams' headers, or
+        for images (B, 3, H, W) in [0, 1] (quantized on the spot) from their shape."""
         if isinstance(inputs, torch.Tensor):
-            latent, sizes = self.codec.quantize(inputs), [tuple(inputs.shape[-2:])] * len(inputs)
-        else:
-            latent, sizes = self.codec.decode_with_sizes(list(inputs))
-        meta = targets if targets is not None else [{"image_size": size} for size in sizes]
-        return {name: self.heads[name].predict(latent, meta) for name in (heads or self.heads)}
+            return self.codec.quantize(inputs), [geometry(inputs.shape[-2:])] * len(inputs)
+        latent, sizes = self.codec.decode_with_sizes(list(inputs))
+        return latent, [geometry(size) for size in sizes]
+
+    @torch.no_grad()
+    def run_heads(self, latent: torch.Tensor, images: Sequence[ImageGeometry],
+                  heads: Sequence[str] | None = None) -> dict[str, list[Any]]:
+        """Every attached head (or ``heads``) on one decoded latent: the one place where a decode
+        feeds the heads (``model(streams)``, the evaluation and the server all come here). Each head
+        gets the same per-image records."""
+        if len(images) != len(latent):
+            raise ValueError(f"got {len(images)} geometry records for a batch of {len(latent)} latents")
+        return {name: self.heads[name].predict(latent, list(images)) for name in (heads or self.heads)}
+
+    @torch.no_grad()
+    def forward(self, inputs: torch.Tensor | Sequence[bytes], images: Sequence[ImageGeometry] | None = None,
+                heads: Sequence[str] | None = None) -> dict[str, Any]:
+        """Predictions of every attached head (or of ``heads``) from one decode; ``images``: the
+        records to hand the heads, by default those of :meth:`decode`."""
+        latent, records = self.decode(inputs)
+        return self.run_heads(latent, records if images is None else images, heads)
 
     # -- head checkpoints, independent of the codec ------------------------------------------------
     def save_head(self, name: str, path: str | Path, **meta: Any) -> Path:

@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader
 from mtfc.checkpoint import TEACHER, TRAIN_STATE, CheckpointError, load_checkpoint, written_by
 from mtfc.codec import Codec, load_codec
 from mtfc.config import DATA_GENERIC, DATA_LOCATION, Config, StageConfig
-from mtfc.engine import seed_everything
-from mtfc.head import HEADS, Head, HeadContext
+from mtfc.engine import on_rank_zero, seed_everything
+from mtfc.head import HEADS, Head, HeadContext, geometry_of
 from mtfc.model import MultiTaskModel, read_head_checkpoint
 from mtfc.teacher import (build_teacher, candidate_taps, is_local_weights, pretrained_cache_file, pretrained_fixes,
                           pretrained_weights, stage_channels)
@@ -331,9 +331,13 @@ class Pipeline:
             reason = f"the interrupted run in {state} trained other inputs than this config's"
         else:
             return False
-        aside = path.parent.with_name(f"{path.parent.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        path.parent.rename(aside)
-        _log(f"{what}: {reason}; moved its folder to {aside}, retraining")
+
+        def move_aside() -> None:  # once, by rank 0 under torchrun (every rank gets here)
+            aside = path.parent.with_name(f"{path.parent.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            path.parent.rename(aside)
+            _log(f"{what}: {reason}; moved its folder to {aside}, retraining")
+
+        on_rank_zero(move_aside, self.device)
         return False
 
     # -- stages ------------------------------------------------------------------------------------
@@ -522,15 +526,15 @@ class Pipeline:
             try:
                 for batch in tqdm(loader, desc=f"evaluate {', '.join(names)}", unit="batch"):
                     images, targets = batch.images.to(device), batch.targets
-                    size = tuple(images.shape[-2:])
+                    size, records = tuple(images.shape[-2:]), geometry_of(targets)
                     for predict, score in models.values():
                         score.add(predict(images, targets), targets, size)
                     for point, score in baselines.items():
                         rt = batch.roundtrips[point]
                         decoded = rt.images.to(device).float().div_(255)
-                        preds = {n: h.predict(decoded, targets) for n, h in refs.items()}
+                        preds = {n: h.predict(decoded, records) for n, h in refs.items()}
                         score.add(BatchResult(preds, rt.num_bytes, rt.encode_s, rt.decode_s), targets, size)
-                    raw.add(BatchResult({n: h.predict(images, targets) for n, h in refs.items()}, raw_rgb_bytes(images),
+                    raw.add(BatchResult({n: h.predict(images, records) for n, h in refs.items()}, raw_rgb_bytes(images),
                                         0.0, 0.0), targets, size)
                     cache.add(batch.new)
             finally:
@@ -540,11 +544,17 @@ class Pipeline:
         return rows
 
     def report(self, rows: list[dict[str, Any]], command: str | None = None) -> dict[str, Path]:
-        from mtfc.evaluation.report import collect_provenance, write_report
+        from mtfc.evaluation.report import collect_provenance, disk_usage, write_report
 
         prov = collect_provenance(config=self.cfg.to_dict(), seed=self.seed, device=self.device, command=command,
-                                  artifacts={str(p): written_by(p) for p in self.artifacts() if p.is_file()})
+                                  artifacts={str(p): written_by(p) for p in self.artifacts() if p.is_file()},
+                                  disk=disk_usage(self.artifact_dirs()))
         return write_report(rows, self.out / "report", provenance=prov, training=self.training_logs())
+
+    def artifact_dirs(self) -> dict[str, Path]:
+        """Where each kind of artifact lives under ``out_dir`` (with its training logs and state)."""
+        return {"teacher": self.out / "teacher", "references": self.out / "reference", "codecs": self.out / "bottleneck",
+                "heads": self.out / "heads", "caches": self.out / "cache"}
 
     def artifacts(self) -> list[Path]:
         """Every artifact the results use: teacher, codecs, reference heads and heads."""
@@ -660,19 +670,20 @@ def _dataset_key(data_cfg_yaml: str) -> str:
 
 
 def mtfc_method(model: MultiTaskModel):
-    """``predict_fn`` for :func:`~mtfc.evaluation.runner.evaluate_method`: encode each image once, decode
-    once, run every attached head on the decoded latent; rate = the bitstreams' real size."""
+    """``predict_fn`` for :func:`~mtfc.evaluation.runner.evaluate_method`: encode each image once, then
+    :meth:`~mtfc.model.MultiTaskModel.decode` and :meth:`~mtfc.model.MultiTaskModel.run_heads`, as the
+    server does (the heads get the records of the streams' headers, not the ``targets``); rate = the
+    bitstreams' real size."""
     from mtfc.evaluation.runner import BatchResult
 
     def predict(images: torch.Tensor, targets: list[dict[str, Any]]) -> BatchResult:
         t0 = time.perf_counter()
         streams = model.codec.encode(images)
         t1 = time.perf_counter()
-        latent = model.codec.decode(streams)
+        latent, records = model.decode(streams)
         if latent.is_cuda:  # the decode's last kernels finish before the clock stops
             torch.cuda.synchronize(latent.device)
         t2 = time.perf_counter()
-        preds = {name: head.predict(latent, targets) for name, head in model.heads.items()}
-        return BatchResult(preds, [len(s) for s in streams], t1 - t0, t2 - t1)
+        return BatchResult(model.run_heads(latent, records), [len(s) for s in streams], t1 - t0, t2 - t1)
 
     return predict

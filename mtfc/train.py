@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from mtfc.codec import Codec, save_codec
 from mtfc.distill import feature_mse, gradcam, saliency_weights, select_taps
 from mtfc.engine import clear_state, fit, seed_everything
-from mtfc.head import Distillation, Head
+from mtfc.head import Distillation, Head, geometry_of
 from mtfc.metrics import ClassificationEvaluator
 from mtfc.model import MultiTaskModel, save_head
 from mtfc.optim import OptimSpec, build_optimizer
@@ -184,7 +184,7 @@ class HeadTask(nn.Module):
         ev = self.head.build_evaluator(loader.dataset)
         ev.reset()
         for images, targets in loader:
-            ev.process(targets, self.head.predict(self.inputs(images), targets))
+            ev.process(targets, self.head.predict(self.inputs(images), geometry_of(targets)))
         return ev.evaluate()
 
 

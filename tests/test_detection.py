@@ -11,7 +11,7 @@ from detectron2.structures import Boxes, Instances
 from heads.detection import (AP_KEYS, DetectionEvaluator, DetectionHead, LatentBackbone,
                              build_mtfc_latent_fpn_backbone, default_anchor_sizes)
 from mtfc.data import MultiTaskDataset, collate, make_dataset
-from mtfc.head import HEADS
+from mtfc.head import HEADS, geometry, geometry_of
 from mtfc.model import MultiTaskModel
 
 SIZE = 64
@@ -119,8 +119,8 @@ def test_sizes_off_the_fpn_grid_are_padded_and_boxes_clipped(frozen_codec, train
     images, _ = batch(train_set, 2)
     latent = frozen_codec.quantize(images[..., :48, :36])
     with torch.no_grad():
-        preds = det(latent)
-        want = det(F.pad(latent, (0, 16 - 9, 0, 16 - 12)), [{"image_size": (48, 36)}] * 2)  # ŷ 12x9 -> 16x16
+        preds = det(latent, [geometry((48, 36))] * 2)
+        want = det(F.pad(latent, (0, 16 - 9, 0, 16 - 12)), [geometry((48, 36))] * 2)  # ŷ 12x9 -> 16x16
     for p, w in zip(preds, want):
         inst = p["instances"]
         assert inst.image_size == (48, 36) and len(inst) > 0
@@ -248,5 +248,5 @@ def test_reference_detector_runs_on_images(train_set):
     assert set(det(images, targets)) == LOSSES
     det.eval()
     with torch.no_grad():
-        preds = det(images)
+        preds = det(images, geometry_of(targets))
     assert len(preds) == 2 and all(p["instances"].image_size == (SIZE, SIZE) for p in preds)

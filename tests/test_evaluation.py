@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mtfc.evaluation import (BatchResult, Scorer, available_codecs, bd_metric, bd_rate, bd_rate_table, bits_per_pixel,
-                             codec_method, collect_provenance, evaluate_method, rate_at_metric, reference_rate_table,
+                             codec_method, collect_provenance, disk_usage, evaluate_method, rate_at_metric, reference_rate_table,
                              roundtrip, uncompressed_method, upper_envelope, write_report)
 from mtfc.evaluation import baselines
 from mtfc.evaluation.baselines import RoundTripCache, RoundTripDataset, collate_coded
@@ -281,6 +281,22 @@ def test_write_report(tmp_path):
     assert "| uncompressed | n/a | 24 ± 2.4 |" in md
     assert "`mtfc evaluate --config configs/demo.yaml`" in md and "- seed: 3" in md
     assert "codec: runs/codec.pt" in md and "torch=" in md and provenance["timestamp"] in md
+    assert "- disk:" not in md  # no disk usage given, none reported
+
+
+def test_report_says_disk_per_kind_of_artifact(tmp_path):
+    run = tmp_path / "run"
+    for rel, size in {"teacher/teacher.pt": 1_500_000, "teacher/log.jsonl": 250_000, "heads/beta_0.1/cls/head.pt": 300_000,
+                      "heads/beta_0.1/det/head.pt": 200_000, "cache/baselines/jpeg_q10.pt": 42}.items():
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        with open(run / rel, "wb") as f:
+            f.truncate(size)
+    disk = disk_usage({"teacher": run / "teacher", "codecs": run / "bottleneck", "heads": run / "heads",
+                       "caches": run / "cache"})
+    assert disk == {"teacher": 1_750_000, "codecs": 0, "heads": 500_000, "caches": 42}
+    provenance = collect_provenance(config=None, seed=0, device="cpu", disk=disk)
+    md = write_report(_rows(), tmp_path / "out", provenance=provenance)["markdown"].read_text()
+    assert "- disk: teacher 1.8 MB, codecs 0.0 MB, heads 0.5 MB, caches 0.0 MB; total 2.3 MB\n" in md
 
 
 def test_report_errors(tmp_path):

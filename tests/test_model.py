@@ -159,3 +159,70 @@ def test_a_checkpoint_never_chooses_what_gets_imported(tmp_path, monkeypatch, fr
     save_checkpoint(path, HEAD, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
     with pytest.raises(mtfc.CheckpointError, match="head type 'classification.evilmod' is not registered"):
         load_head(path, frozen_codec.fingerprint)
+
+
+def _three_heads(codec) -> MultiTaskModel:
+    model = MultiTaskModel(codec)
+    torch.manual_seed(0)
+    for name in BUILTIN:
+        model.attach(name, _build(name, codec.latent_channels))
+    return model.eval()
+
+
+def test_model_evaluation_and_server_give_identical_predictions(shapes_root, frozen_codec):
+    """One decode-and-run-every-head: ``model(streams)``, the evaluation's mtfc method and the server's
+    batcher all go through ``MultiTaskModel.run_heads`` with the streams' geometry records."""
+    from mtfc.deploy.server import Batcher, Metrics
+    from mtfc.deploy.wire import prediction_to_json
+    from mtfc.pipeline import mtfc_method
+
+    model = _three_heads(frozen_codec)
+    val = build_dataset({"type": "bundled", "root": str(shapes_root)}, "val")
+    images, targets = mtfc.data.collate([val[i] for i in range(3)])
+    streams = frozen_codec.encode(images)
+    latent, records = model.decode(streams)
+    assert records == [{"image_size": (32, 32), "original_size": (32, 32)}] * 3
+    direct = {name: [prediction_to_json(model.heads[name].task, p) for p in preds]
+              for name, preds in model(streams).items()}
+    evaluated = mtfc_method(model)(images, targets)
+    assert evaluated.num_bytes == [len(s) for s in streams]
+    assert {name: [prediction_to_json(model.heads[name].task, p) for p in preds]
+            for name, preds in evaluated.predictions.items()} == direct
+    batcher = Batcher(model, max_batch=8, max_batch_pixels=1 << 20, max_wait_ms=1, metrics=Metrics())
+    try:
+        served = batcher._predict(tuple(BUILTIN), list(latent.split(1)), (32, 32))
+    finally:
+        batcher.close()
+    assert served == [{name: direct[name][i] for name in BUILTIN} for i in range(3)]
+
+
+def test_run_heads_needs_one_record_per_image(frozen_codec):
+    model = _three_heads(frozen_codec)
+    latent = torch.zeros(2, frozen_codec.latent_channels, 8, 8)
+    with pytest.raises(ValueError, match="got 1 geometry records for a batch of 2 latents"):
+        model.run_heads(latent, [mtfc.head.geometry((32, 32))])
+    with pytest.raises(ValueError, match="the segmentation head needs one geometry record per image .* got none "
+                                         "for a batch of 2"):
+        model.heads["segmentation"].predict(latent)
+    with pytest.raises(ValueError, match=r"image_size \(40, 32\) does not fit the 32x32 input"):
+        model.heads["detection"].predict(latent, [mtfc.head.geometry((40, 32))] * 2)
+
+
+def test_every_head_reads_each_image_size_from_its_record(frozen_codec):
+    """Two non-square records on one 64x64 canvas: segmentation answers at each record's size, detection
+    holds each record's size and clips its boxes to it."""
+    model = _three_heads(frozen_codec)
+    torch.manual_seed(1)
+    latent = frozen_codec.quantize(torch.rand(2, 3, 64, 64))
+    records = [mtfc.head.geometry((64, 40)), mtfc.head.geometry((24, 64), original_size=(48, 128))]
+    preds = model.run_heads(latent, records)
+    assert [tuple(m.shape) for m in preds["segmentation"]] == [(64, 40), (24, 64)]
+    full = model.heads["segmentation"].predict(latent, [mtfc.head.geometry((64, 64))] * 2)
+    assert torch.equal(preds["segmentation"][0], full[0][:64, :40])
+    assert torch.equal(preds["segmentation"][1], full[1][:24, :64])
+    for out, (h, w) in zip(preds["detection"], [(64, 40), (24, 64)]):
+        inst = out["instances"]
+        assert inst.image_size == (h, w) and len(inst) > 0
+        boxes = inst.pred_boxes.tensor
+        assert float(boxes[:, 0::2].max()) <= w and float(boxes[:, 1::2].max()) <= h
+    assert len(preds["classification"]) == 2

@@ -54,7 +54,16 @@ def test_run_produces_every_artifact(run_dir):
     assert {r["task"] for r in rows} == {"classification", "detection", "segmentation"}
     for r in rows:
         assert r["n_images"] == 16 and r["bpp_mean"] > 0
-    assert "tiny.yaml" in (report / "report.md").read_text()
+    md = (report / "report.md").read_text()
+    assert "tiny.yaml" in md
+
+    def mb(folder: str) -> str:  # the files of one kind of artifact, measured here independently
+        return f"{sum(p.stat().st_size for p in (run_dir / folder).rglob('*') if p.is_file()) / 1e6:.1f} MB"
+
+    disk = json.loads((report / "results.json").read_text())["provenance"]["disk"]
+    assert list(disk) == ["teacher", "references", "codecs", "heads", "caches"] and all(disk.values())
+    assert (f"- disk: teacher {mb('teacher')}, references {mb('reference')}, codecs {mb('bottleneck')}, "
+            f"heads {mb('heads')}, caches {mb('cache')}; total {sum(disk.values()) / 1e6:.1f} MB") in md
 
 
 def test_rerun_skips_finished_stages(run_dir, capsys):

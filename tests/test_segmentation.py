@@ -10,7 +10,7 @@ from mmseg.registry import MODELS
 
 from heads.segmentation import MTFCLatentResNet, SegmentationEvaluator, SegmentationHead
 from mtfc.data import MultiTaskDataset, collate, make_dataset
-from mtfc.head import HEADS, Head
+from mtfc.head import HEADS, Head, geometry_of
 from mtfc.model import MultiTaskModel
 from mtfc.teacher import build_teacher
 from mtfc.train import train_head
@@ -79,7 +79,8 @@ def test_head_contract(decode_head, train_set):
     for p in preds:
         assert p.shape == (SIZE, SIZE) and p.dtype == torch.int64
         assert 0 <= int(p.min()) and int(p.max()) < NUM_CLASSES + 1
-    assert all(torch.equal(a, b) for a, b in zip(preds, head(latent, None)))  # size from the latent's stride
+    with pytest.raises(ValueError, match="the segmentation head needs one geometry record per image"):
+        head(latent, None)  # each image's size comes from its record, never guessed from the latent
 
 
 def test_loss_is_mmseg_cross_entropy_over_non_ignored_pixels(train_set):
@@ -178,7 +179,7 @@ def test_reference_segmenter_runs_on_images(train_set):
                                                      getattr(teacher, name).state_dict().values()))
     assert torch.equal(head.backbone.decoder.conv1.weight, teacher.conv1.weight)
     assert set(head.train()(images, targets)) == {"loss_ce"}
-    preds = head.eval()(images)
+    preds = head.eval()(images, geometry_of(targets))
     assert [p.shape for p in preds] == [(SIZE, SIZE)] * 2
 
 

@@ -6,6 +6,7 @@ are given, so each case runs in seconds; ``calls`` lists what was (re)trained.
 """
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,52 @@ def test_every_artifact_records_its_key(trained):
     assert data["config"] == {"type": "bundled"}  # where the files are is not part of it
     assert {s: (v["classes"], v["size"]) for s, v in data["identity"].items() if s in ("train", "val")} == {
         "train": (["circle", "square", "triangle"], 8), "val": (["circle", "square", "triangle"], 4)}
+
+
+def _torchrun_rank(rank: int, port: int, out: Path, start, results) -> None:
+    """One rank of a 2-process torchrun-like job (its environment variables, a gloo group over TCP)."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    pipe = Pipeline(config(out / "data", out))
+
+    def recorded(path: Path) -> dict:
+        if rank == 1:  # rank 1 is still reading the old key when rank 0 would already move the folder
+            time.sleep(0.5)
+        return {"sha256": "old", "inputs": {"teacher.arch": "resnet10"}}
+
+    start.wait()  # both ranks reach the stage together, as they do after the same earlier stages
+    try:
+        usable = pipe._usable("teacher", out / "teacher" / "teacher.pt",
+                              {"sha256": "new", "inputs": {"teacher.arch": "resnet18"}}, recorded)
+        results.put((rank, usable, (out / "teacher").exists()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_under_torchrun_only_rank_zero_moves_a_stale_artifact_aside(tmp_path, capfd):
+    import multiprocessing
+    import socket
+
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "teacher.pt").write_bytes(b"stale")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Barrier(2), ctx.Queue()
+    ranks = [ctx.Process(target=_torchrun_rank, args=(r, port, tmp_path, start, results)) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(60)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    # both ranks retrain, and when either goes on the folder has been moved, once, by rank 0
+    assert sorted(results.get(timeout=5) for _ in ranks) == [(0, False, False), (1, False, False)]
+    aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("teacher.stale-")]
+    assert len(aside) == 1 and (tmp_path / aside[0] / "teacher.pt").read_bytes() == b"stale"
+    assert capfd.readouterr().out.count("moved its folder to") == 1

@@ -146,15 +146,16 @@ def test_heads_build_from_their_sections_and_their_data_has_their_targets(data, 
                                "'clasification'; registered: [")
 
 
-def test_every_problem_at_once_before_anything_trains(data, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["run", "evaluate"])
+def test_every_problem_at_once_before_anything_trains(command, data, tmp_path, capsys):
     cfg = config(data, tmp_path / "run", teacher={"arch": "resnet10", "num_classes": 7},
                  bottleneck={"betas": [0.1], "stages": ["layer5"]},
                  heads={"det": {"type": "detection", "data": {"type": "coco", "root": str(tmp_path / "coco")}}})
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["run", str(tmp_path / "bad.yaml")]) == 2
+    assert main([command, str(tmp_path / "bad.yaml")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == [
-        f"mtfc run: error: heads.det.data (coco at {tmp_path / 'coco'}): {tmp_path / 'coco'}/annotations/"
+        f"mtfc {command}: error: heads.det.data (coco at {tmp_path / 'coco'}): {tmp_path / 'coco'}/annotations/"
         "instances_train2017.json: COCO annotation file not found",
         "teacher.num_classes is 7 but teacher.weights is null, so the teacher trains on its data, which has 3 classes: "
         "set teacher.num_classes to 3 (or null)",

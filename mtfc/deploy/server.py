@@ -70,6 +70,7 @@ from starlette.requests import ClientDisconnect
 from mtfc import bitstream
 from mtfc.deploy.decoding import DecoderPool
 from mtfc.deploy.wire import STREAM_TYPE, prediction_to_json
+from mtfc.head import geometry
 from mtfc.model import MultiTaskModel
 
 __all__ = ["STREAM_TYPE", "ServerConfig", "create_app", "load_model", "serve", "served_image_sizes",
@@ -324,9 +325,7 @@ class Batcher:
     @torch.no_grad()
     def _predict(self, heads: tuple[str, ...], latents: list[torch.Tensor],
                  image_size: tuple[int, int]) -> list[dict[str, Any]]:
-        latent = torch.cat(latents)
-        meta = [{"image_size": image_size}] * len(latents)
-        preds = {name: self.model.heads[name].predict(latent, meta) for name in heads}
+        preds = self.model.run_heads(torch.cat(latents), [geometry(image_size)] * len(latents), heads)
         tasks = {name: self.model.heads[name].task for name in heads}
         return [{name: prediction_to_json(tasks[name], preds[name][i]) for name in heads} for i in range(len(latents))]
 
@@ -380,7 +379,7 @@ def _check_heads(model: MultiTaskModel, sizes: list[tuple[int, int]]) -> None:
         latent = torch.zeros(1, C, H // s, W // s)
         for name, head in model.heads.items():
             try:
-                prediction_to_json(head.task, head.predict(latent, [{"image_size": (H, W)}])[0])
+                prediction_to_json(head.task, model.run_heads(latent, [geometry((H, W))], (name,))[name][0])
             except Exception as e:
                 raise ValueError(f"head {name!r} fails on {H}x{W} images, which this server would serve: "
                                  f"{type(e).__name__}: {e}; serve other sizes (--image-size)") from e

@@ -34,23 +34,36 @@ from mtfc.evaluation.curves import Runs, headline, timing_rows, write_curves
 from mtfc.evaluation.runner import DIRECTIONS, ROW_FIELDS
 from mtfc.gitstate import code_state
 
-__all__ = ["PROVENANCE_KEYS", "collect_provenance", "bd_rate_table", "reference_rate_table",
+__all__ = ["PROVENANCE_KEYS", "collect_provenance", "disk_usage", "bd_rate_table", "reference_rate_table",
            "write_report"]
 
 #: what ``write_report`` needs to know about how the results were produced
-PROVENANCE_KEYS = ("command", "config", "seed", "machine", "git", "timestamp")  # and optionally "artifacts"
+PROVENANCE_KEYS = ("command", "config", "seed", "machine", "git", "timestamp")  # and optionally "artifacts", "disk"
 BD_FIELDS = ("task", "metric_name", "method", "baseline", "bd_rate_percent", "bd_metric", "note")
 REFERENCE_FIELDS = ("task", "metric_name", "metric_direction", "reference_metric", "target_metric", "method", "bpp",
                     "status")
 
 
+def disk_usage(places: Mapping[str, str | os.PathLike]) -> dict[str, int]:
+    """Bytes on disk of each kind of artifact: ``places`` maps a kind (``"teacher"``, ``"codecs"``…) to
+    a file or a folder; a folder counts every file under it, a missing place 0."""
+    def size(path: Path) -> int:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+    return {kind: size(Path(place)) for kind, place in places.items()}
+
+
 def collect_provenance(*, config: Mapping[str, Any] | None, seed: int | None, device: str | torch.device,
-                       command: str | None = None, artifacts: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                       command: str | None = None, artifacts: Mapping[str, Any] | None = None,
+                       disk: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The provenance record of this process: its command line (``sys.argv`` unless given), the config,
     the seed, the machine (platform, Python, CPU count, torch version and threads, device), mtfc's git
     commit and whether its tree was dirty (:func:`~mtfc.gitstate.git_state`), a UTC time, and ``artifacts``:
     the code state each artifact the results used recorded when it was written (path → ``{"commit", "dirty"}``
-    or ``None`` for an artifact written before artifacts recorded it)."""
+    or ``None`` for an artifact written before artifacts recorded it), and ``disk``: the run's bytes on disk
+    per kind of artifact (:func:`disk_usage`)."""
     return {
         "command": command if command is not None else shlex.join(sys.argv),
         "config": dict(config) if config is not None else None,
@@ -59,6 +72,7 @@ def collect_provenance(*, config: Mapping[str, Any] | None, seed: int | None, de
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device)},
         "git": code_state(),
         "artifacts": dict(artifacts or {}),
+        "disk": dict(disk or {}),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -234,6 +248,12 @@ def _artifacts(artifacts: Mapping[str, Any], now: Any) -> str:
             + "; ".join(f"{p} ({_git(artifacts[p]) if artifacts[p] else 'code not recorded'})" for p in other))
 
 
+def _disk(disk: Mapping[str, int]) -> str:
+    """``teacher 44.7 MB, codecs 1.2 MB, …; total 45.9 MB`` (MB = 10⁶ bytes)."""
+    parts = [f"{kind} {size / 1e6:.1f} MB" for kind, size in disk.items()]
+    return f"{', '.join(parts)}; total {sum(disk.values()) / 1e6:.1f} MB"
+
+
 def _git(state: Any) -> str:
     if not isinstance(state, Mapping):
         return "not a git checkout"
@@ -342,7 +362,8 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, 
     md += ["", "## Provenance", "", f"- command: `{provenance['command']}`", f"- seed: {provenance['seed']}",
            f"- timestamp: {provenance['timestamp']}", f"- machine: {_machine(provenance['machine'])}",
            f"- git: {_git(provenance['git'])}",
-           f"- artifacts: {_artifacts(provenance.get('artifacts') or {}, provenance['git'])}", "",
+           f"- artifacts: {_artifacts(provenance.get('artifacts') or {}, provenance['git'])}",
+           *([f"- disk: {_disk(provenance['disk'])}"] if provenance.get("disk") else []), "",
            "Config:", "", "```yaml", config, "```", ""]
     paths["markdown"].write_text("\n".join(md), encoding="utf-8")
     return paths
