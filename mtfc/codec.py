@@ -304,12 +304,6 @@ class Codec(CompressionModel):
             latents.append(self.coder.decompress(payloads, (H // s, W // s)))
         return torch.cat(latents), [header for header, _ in parsed]
 
-    @torch.no_grad()
-    def decode_with_sizes(self, streams: list[bytes]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """:meth:`decode`, and the coded image size (H, W) each stream's header announces."""
-        latent, headers = self.decode_with_headers(streams)
-        return latent, [h.image_size for h in headers]
-
 
 def save_codec(codec: Codec, path: str | Path) -> Path:
     """Write a frozen codec as a standalone artifact (see :mod:`mtfc.checkpoint`)."""

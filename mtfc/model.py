@@ -55,8 +55,8 @@ class MultiTaskModel(nn.Module):
         for images (B, 3, H, W) in [0, 1] (quantized on the spot) from their shape."""
         if isinstance(inputs, torch.Tensor):
             return self.codec.quantize(inputs), [geometry(inputs.shape[-2:])] * len(inputs)
-        latent, sizes = self.codec.decode_with_sizes(list(inputs))
-        return latent, [geometry(size) for size in sizes]
+        latent, headers = self.codec.decode_with_headers(list(inputs))
+        return latent, [geometry(h.image_size, h.original_size) for h in headers]
 
     @torch.no_grad()
     def run_heads(self, latent: torch.Tensor, images: Sequence[ImageGeometry],

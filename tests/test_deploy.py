@@ -98,11 +98,15 @@ def test_in_process_server_predicts_what_the_model_predicts(model, streams):
             assert r.json()["predictions"] == want  # exact: same decode, same heads, batch of one
         seg = r.json()["predictions"]["seg"]
         assert decode_mask(seg).shape == (64, 64) and r.json()["image_size"] == [64, 64]
+        assert r.json()["original_size"] == [64, 64]
         only = client.post("/predict?heads=cla", content=streams[0], headers={"Content-Type": "application/octet-stream"})
         assert set(only.json()["predictions"]) == {"cla"}
+        resized = model.codec.encode(synthetic_images(1, 32), original_sizes=[(480, 640)])[0]
+        r = client.post("/predict", content=resized, headers={"Content-Type": "application/octet-stream"})
+        assert (r.json()["image_size"], r.json()["original_size"]) == ([32, 32], [480, 640])
         metrics = client.get("/metrics").text
-        assert _sample(metrics, "mtfc_requests_total", path="/predict") == {"200": len(streams) + 1}
-        assert _sample(metrics, "mtfc_request_bytes_total") == {"": sum(map(len, streams)) + len(streams[0])}
+        assert _sample(metrics, "mtfc_requests_total", path="/predict") == {"200": len(streams) + 2}
+        assert _sample(metrics, "mtfc_request_bytes_total") == {"": sum(map(len, streams)) + len(streams[0]) + len(resized)}
 
 
 def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(model, streams):

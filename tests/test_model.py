@@ -50,8 +50,8 @@ def test_one_decode_feeds_every_head(images, monkeypatch):
     model.attach("b", _build("classification", codec.latent_channels))
     model.eval()
     calls = []
-    decode = codec.decode_with_sizes
-    monkeypatch.setattr(codec, "decode_with_sizes", lambda s: calls.append(len(s)) or decode(s))
+    decode = codec.decode_with_headers
+    monkeypatch.setattr(codec, "decode_with_headers", lambda s: calls.append(len(s)) or decode(s))
     streams = codec.encode(images)
     out = model(streams)
     assert calls == [3] and set(out) == {"a", "b"}
@@ -190,7 +190,7 @@ def test_model_evaluation_and_server_give_identical_predictions(shapes_root, fro
             for name, preds in evaluated.predictions.items()} == direct
     batcher = Batcher(model, max_batch=8, max_batch_pixels=1 << 20, max_wait_ms=1, metrics=Metrics())
     try:
-        served = batcher._predict(tuple(BUILTIN), list(latent.split(1)), (32, 32))
+        served = batcher._predict(tuple(BUILTIN), list(zip(latent.split(1), records)))
     finally:
         batcher.close()
     assert served == [{name: direct[name][i] for name in BUILTIN} for i in range(3)]

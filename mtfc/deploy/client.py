@@ -24,7 +24,7 @@ class StreamEncoder(Protocol):
 
     size_divisibility: int
 
-    def encode(self, images: torch.Tensor) -> list[bytes]: ...
+    def encode(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]] | None = None) -> list[bytes]: ...
 
 
 class ServerError(RuntimeError):
@@ -106,12 +106,14 @@ class Client:
         return self._json(self.http.post("/predict", content=stream, params=params,
                                          headers={"Content-Type": STREAM_TYPE}))
 
-    def predict(self, images: torch.Tensor, heads: Sequence[str] | None = None) -> list[Result]:
-        """Encode ``images`` (B, 3, H, W) on the device and send each stream; one :class:`Result` per image."""
+    def predict(self, images: torch.Tensor, heads: Sequence[str] | None = None,
+                original_sizes: Sequence[tuple[int, int]] | None = None) -> list[Result]:
+        """Encode ``images`` (B, 3, H, W) on the device and send each stream; one :class:`Result` per image.
+        ``original_sizes``: each image's (H, W) before it was resized, sent in its stream for the heads."""
         if self.encoder is None:
             raise ValueError("this Client has no encoder: pass one, or send ready streams with send()")
         t0 = time.perf_counter()
-        streams = self.encoder.encode(images)
+        streams = self.encoder.encode(images, original_sizes)
         encode_ms = 1000 * (time.perf_counter() - t0) / len(streams)
         results = []
         for stream in streams:
@@ -126,16 +128,17 @@ class Client:
         return results
 
 
-def load_image(path: str | Path, divisibility: int, size: int | None = None) -> torch.Tensor:
+def load_image(path: str | Path, divisibility: int, size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
     """An image file as float (1, 3, H, W) in [0, 1]: resized to ``size``×``size`` if given, then
-    zero-padded bottom/right to multiples of ``divisibility`` (what the codec accepts)."""
+    zero-padded bottom/right to multiples of ``divisibility`` (what the codec accepts); and the file's (H, W)."""
     with Image.open(path) as image:
         rgb = image.convert("RGB")
+        original = (rgb.height, rgb.width)
         if size:
             rgb = rgb.resize((size, size), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)[None].float() / 255
     H, W = x.shape[-2:]
-    return F.pad(x, (0, -W % divisibility, 0, -H % divisibility))
+    return F.pad(x, (0, -W % divisibility, 0, -H % divisibility)), original
 
 
 def send_images(paths: Sequence[str | Path], client: Client, heads: Sequence[str] | None = None,
@@ -143,7 +146,8 @@ def send_images(paths: Sequence[str | Path], client: Client, heads: Sequence[str
     """``mtfc send``: each image file through ``client`` (one request per image), printing a line per image."""
     out = []
     for path in paths:
-        result = client.predict(load_image(path, client.encoder.size_divisibility, size), heads)[0]
+        image, original = load_image(path, client.encoder.size_divisibility, size)
+        result = client.predict(image, heads, [original])[0]
         t = result.timing_ms
         print(f"{path}: {result.bytes_sent} B sent ({8 * result.bytes_sent / (result.image_size[0] * result.image_size[1]):.3f} bpp) | "
               f"encode {t['encode']:.1f} ms, network {t['network']:.1f} ms, server decode {t['decode']:.1f} ms, "

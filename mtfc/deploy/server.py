@@ -260,11 +260,11 @@ class Batcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="mtfc-heads")
 
     async def submit(self, latent: torch.Tensor, heads: tuple[str, ...],
-                     image_size: tuple[int, int]) -> tuple[dict[str, Any], dict[str, float]]:
-        """Predictions of ``heads`` for one decoded latent (1, C, h, w) of an image of ``image_size``
-        (from the stream's header), and the batch's timing."""
+                     record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+        """Predictions of ``heads`` for one decoded latent (1, C, h, w) of the image its geometry ``record``
+        (from the stream's header, :func:`mtfc.head.geometry`) describes, and the batch's timing."""
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(((tuple(image_size), heads), latent, future, time.perf_counter()))
+        await self.queue.put(((tuple(record["image_size"]), heads), (latent, record), future, time.perf_counter()))
         return await future
 
     def _limit(self, image_size: tuple[int, int]) -> int:
@@ -303,8 +303,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self.executor, self._predict, heads, [g[1] for g in group],
-                                                 image_size)
+            outputs = await loop.run_in_executor(self.executor, self._predict, heads, [g[1] for g in group])
         except Exception as e:
             if len(group) > 1:  # isolate the culprit: every other request still gets its answer
                 for item in group:
@@ -323,11 +322,11 @@ class Batcher:
                                          "batch_size": len(group)}))
 
     @torch.no_grad()
-    def _predict(self, heads: tuple[str, ...], latents: list[torch.Tensor],
-                 image_size: tuple[int, int]) -> list[dict[str, Any]]:
-        preds = self.model.run_heads(torch.cat(latents), [geometry(image_size)] * len(latents), heads)
+    def _predict(self, heads: tuple[str, ...], items: list[tuple[torch.Tensor, dict[str, Any]]]) -> list[dict[str, Any]]:
+        latents, records = zip(*items)
+        preds = self.model.run_heads(torch.cat(latents), list(records), heads)
         tasks = {name: self.model.heads[name].task for name in heads}
-        return [{name: prediction_to_json(tasks[name], preds[name][i]) for name in heads} for i in range(len(latents))]
+        return [{name: prediction_to_json(tasks[name], preds[name][i]) for name in heads} for i in range(len(items))]
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -493,7 +492,8 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
     async def metrics_endpoint() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def answer(body: bytes, names: tuple[str, ...], image_size: tuple[int, int], start: float) -> JSONResponse:
+    async def answer(body: bytes, names: tuple[str, ...], header: bitstream.Header, start: float) -> JSONResponse:
+        image_size = header.image_size
         async with state["admission"].admit(image_size[0] * image_size[1]):
             t0 = time.perf_counter()
             try:
@@ -501,9 +501,11 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
             except bitstream.BitstreamError as e:
                 raise RequestError(400, type(e).__name__, str(e)) from None
             decode_ms = 1000 * (time.perf_counter() - t0)
-            predictions, timing = await state["batcher"].submit(latent, names, image_size)
+            predictions, timing = await state["batcher"].submit(latent, names,
+                                                                geometry(image_size, header.original_size))
         total_ms = 1000 * (time.perf_counter() - start)
-        return JSONResponse({"predictions": predictions, "image_size": list(image_size), "bytes": len(body),
+        return JSONResponse({"predictions": predictions, "image_size": list(image_size),
+                             "original_size": list(header.original_size), "bytes": len(body),
                              "timing_ms": {"decode": decode_ms, **timing, "total": total_ms}})
 
     @app.post("/predict")
@@ -513,8 +515,8 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
         body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
         metrics.bytes_in.inc(len(body))
         names = _select_heads(heads, list(model.heads))
-        image_size = _check_header(body, fingerprint, sizes)
-        work = asyncio.ensure_future(answer(body, names, image_size, start))
+        header = _check_header(body, fingerprint, sizes)
+        work = asyncio.ensure_future(answer(body, names, header, start))
         gone = asyncio.ensure_future(_disconnect(request))
         try:
             done, _ = await asyncio.wait({work, gone}, timeout=config.request_timeout_s,
@@ -569,8 +571,8 @@ def _select_heads(query: str | None, available: list[str]) -> tuple[str, ...]:
     return names
 
 
-def _check_header(body: bytes, fingerprint: bytes, sizes: list[tuple[int, int]]) -> tuple[int, int]:
-    """Container checks (magic, version, codec, length, checksum) and the served sizes, before any decoding."""
+def _check_header(body: bytes, fingerprint: bytes, sizes: list[tuple[int, int]]) -> bitstream.Header:
+    """Container checks (format, codec, length, checksum) and the served sizes, before any decoding."""
     try:
         header, _ = bitstream.unpack(body, fingerprint)
     except bitstream.ImageTooLargeError as e:
@@ -584,7 +586,7 @@ def _check_header(body: bytes, fingerprint: bytes, sizes: list[tuple[int, int]])
             raise RequestError(413, "ImageTooLarge", f"stream announces a {H}x{W} image; this server serves {served}")
         raise RequestError(400, "UnsupportedImageSize", f"stream announces a {H}x{W} image; this server serves "
                                                          f"{served}: resize or pad the image to one of them")
-    return H, W
+    return header
 
 
 def load_model(codec: str | Path, heads: dict[str, str | Path], imports: Sequence[str] = ()) -> MultiTaskModel:
