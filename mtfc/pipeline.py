@@ -534,7 +534,7 @@ class Pipeline:
                         decoded = rt.images.to(device).float().div_(255)
                         preds = {n: h.predict(decoded, records) for n, h in refs.items()}
                         score.add(BatchResult(preds, rt.num_bytes, rt.encode_s, rt.decode_s), targets, size)
-                    raw.add(BatchResult({n: h.predict(images, records) for n, h in refs.items()}, raw_rgb_bytes(images),
+                    raw.add(BatchResult({n: h.predict(images, records) for n, h in refs.items()}, raw_rgb_bytes(images, targets),
                                         0.0, 0.0), targets, size)
                     cache.add(batch.new)
             finally:

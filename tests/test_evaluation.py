@@ -424,6 +424,16 @@ def test_scorer_direction_and_rows():
     assert row["encode_ms"] == 250.0 and row["decode_ms"] == 125.0
     with pytest.raises(ValueError, match="metric_direction must be one of"):
         Scorer({"cls": Top1()}, method="m", rate_point=1, directions={"cls": "up"})
+
+
+def test_bpp_counts_the_original_pixels_not_the_resized_canvas():
+    """A 28x28 file fed at 32x32 (resized, or letterboxed): its bytes over its own 784 pixels."""
+    scorer = Scorer({"cls": Top1()}, method="m", rate_point=1)
+    targets = [{"label": 0, "orig_size": (28, 28)}, {"label": 0, "orig_size": (14, 56)}, {"label": 0}]
+    scorer.add(BatchResult({"cls": [0, 0, 0]}, [98, 49, 128], 0.0, 0.0), targets, (32, 32))
+    assert scorer.bpp == [1.0, 0.5, 1.0]
+    images = torch.zeros(3, 3, 32, 32)
+    assert uncompressed_method({"cls": lambda x, t: [0] * len(x)})(images, targets).num_bytes == [2352, 2352, 3072]
     with pytest.raises(ValueError, match=r"metric_direction \['higher', 'lower'\]"):
         bd_rate_table(_near_rows() + [_row("webp", 5, "count", 4.0, 0.01, "MAE")])
 

@@ -120,7 +120,7 @@ def uncompressed_method(models: Mapping[str, TaskFn]) -> Callable[..., BatchResu
     """A ``predict_fn`` for the uncompressed reference: raw 8-bit RGB (3 bytes a pixel), no coding time."""
     def predict(images: torch.Tensor, targets: list[dict[str, Any]]) -> BatchResult:
         return BatchResult({task: fn(images, targets) for task, fn in models.items()},
-                           raw_rgb_bytes(images), 0.0, 0.0)
+                           raw_rgb_bytes(images, targets), 0.0, 0.0)
     return predict
 
 

@@ -306,8 +306,8 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, 
                   f, indent=2, allow_nan=False)
 
     md = ["# Rate–accuracy report", "",
-          f"Rate is bits per pixel of the whole transmitted file or bitstream (8 × bytes / (H × W) of the input "
-          f"image). BD-rate: bits {anchor_method} needs relative to the baseline at equal accuracy "
+          f"Rate is bits per pixel of the whole transmitted file or bitstream (8 × bytes / (H × W) of the original "
+          f"image file, before any resizing or padding). BD-rate: bits {anchor_method} needs relative to the baseline at equal accuracy "
           f"(negative = fewer); BD-metric: its metric difference at equal rate (Bjøntegaard, PCHIP on the "
           f"upper envelope of each curve).", "", f"## Bits per pixel to stay within 1 point of {reference_method}", "",
           "Read off each method's curve (PCHIP of log-rate on its upper envelope, as BD-rate) at the reference's "

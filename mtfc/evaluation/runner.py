@@ -36,14 +36,16 @@ class BatchResult(NamedTuple):
 
 
 def bits_per_pixel(num_bytes: int, height: int, width: int) -> float:
-    """8 × bytes / (H × W) of the input image."""
+    """8 × bytes / (H × W): the rate of ``num_bytes`` for an image of H × W pixels."""
     return 8.0 * num_bytes / (height * width)
 
 
-def raw_rgb_bytes(images: torch.Tensor) -> list[int]:
-    """Size of each image stored as raw 8-bit RGB (3 bytes a pixel): the uncompressed reference's rate."""
+def raw_rgb_bytes(images: torch.Tensor, targets: list[dict[str, Any]] | None = None) -> list[int]:
+    """Size of each image stored as raw 8-bit RGB (3 bytes a pixel) at its original size (the target's
+    ``orig_size``; the fed size without one): the uncompressed reference's rate, 24 bpp."""
     b, c, h, w = images.shape
-    return [c * h * w] * b
+    sizes = [t.get("orig_size", (h, w)) for t in targets] if targets is not None else [(h, w)] * b
+    return [c * H * W for H, W in sizes]
 
 
 def _flatten(results: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -83,7 +85,9 @@ class Scorer:
         self.encode_s = self.decode_s = 0.0
 
     def add(self, result: BatchResult, targets: list[dict[str, Any]], image_size: tuple[int, int]) -> None:
-        """Score one batch's ``result`` (of images of ``image_size`` (H, W), the rate's denominator)."""
+        """Score one batch's ``result`` for images fed at ``image_size`` (H, W). The rate's denominator is each
+        image's original size (its target's ``orig_size``, the file's pixels, as published bpp counts them;
+        ``image_size`` when the target has none), not the resized and padded canvas."""
         n, method = len(targets), self.method
         if not isinstance(result, tuple) or len(result) != len(BatchResult._fields):
             raise ValueError(f"method {method!r} must return a BatchResult (predictions, num_bytes, encode_s, "
@@ -101,7 +105,7 @@ class Scorer:
                                  f"predictions for {n} images")
             evaluator.process(targets, out.predictions[task])
         self.sizes.extend(int(s) for s in out.num_bytes)
-        self.bpp.extend(bits_per_pixel(int(s), *image_size) for s in out.num_bytes)
+        self.bpp.extend(bits_per_pixel(int(s), *t.get("orig_size", image_size)) for s, t in zip(out.num_bytes, targets))
         self.encode_s += out.encode_s
         self.decode_s += out.decode_s
 
