@@ -536,7 +536,8 @@ class Pipeline:
         groups: dict[str, list[str]] = {}  # heads sharing a validation set share one encode per image
         for name, spec in heads.items():
             groups.setdefault(yaml.safe_dump(self.data_cfg(spec), sort_keys=True), []).append(name)
-        learned_paths = self.train_learned_baselines()
+        with torch.enable_grad():  # this method runs under no_grad
+            learned_paths = self.train_learned_baselines()
         teacher = self.teacher_model().to(device)
         rows = []
         for key, names in groups.items():
