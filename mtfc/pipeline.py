@@ -511,10 +511,11 @@ class Pipeline:
         """Rate–accuracy rows for mtfc at every β, every image-codec baseline (Pillow's and the learned
         ones, trained first if needed) and the uncompressed reference.
 
-        Every model runs on ``self.device`` (the learned codecs' range coding on the CPU). Heads that share a validation set share one pass over it:
-        each image is loaded once, encoded and decoded once per codec (each β, each baseline setting)
-        and every head runs on that. The baselines' files come from the on-disk cache
-        (:class:`~mtfc.evaluation.baselines.RoundTripCache`) or are encoded in the DataLoader's workers.
+        Every model runs on ``self.device`` (the learned codecs' range coding on the CPU). Heads that share a
+        validation set share one pass over it: each image is loaded once, encoded and decoded once per codec
+        (each β, each baseline setting) and every head runs on that. The Pillow baselines' files come from
+        the on-disk cache (:class:`~mtfc.evaluation.baselines.RoundTripCache`) or are encoded in the
+        DataLoader's workers.
         """
         import os
 
@@ -560,8 +561,9 @@ class Pipeline:
                     model.load_head(name, self.head_path(beta, name))
                 models[beta] = (mtfc_method(model.to(device).eval()), scorer("mtfc", beta, model.heads))
             baselines = {point: scorer(*point, refs) for point in points}
-            learned = {(arch, lmbda): (learned_method(load_learned_codec(path)[0], arch, {n: h.predict for n, h in refs.items()}),
-                                       scorer(arch, lmbda, refs)) for (arch, lmbda), path in learned_paths.items()}
+            tasks = {n: h.predict for n, h in refs.items()}
+            learned = {(arch, lmbda): (learned_method(load_learned_codec(path)[0], arch, tasks), scorer(arch, lmbda, refs))
+                       for (arch, lmbda), path in learned_paths.items()}
             raw = scorer("uncompressed", "raw", refs)
             cached = min((len(cache.entries[p]) for p in points), default=0)
             _log(f"evaluate {', '.join(names)} on {device}: {len(val_set)} images through {len(models)} codecs, "
@@ -584,7 +586,8 @@ class Pipeline:
             finally:
                 cache.save()  # an interrupted evaluation keeps the baselines it encoded
             rows += [row for _, score in models.values() for row in score.rows()]
-            rows += [row for score in [*baselines.values(), *(s for _, s in learned.values()), raw] for row in score.rows()]
+            scores = [*baselines.values(), *(score for _, score in learned.values()), raw]
+            rows += [row for score in scores for row in score.rows()]
         return rows
 
     def report(self, rows: list[dict[str, Any]], command: str | None = None) -> dict[str, Path]:
@@ -597,7 +600,8 @@ class Pipeline:
     def artifacts(self) -> list[Path]:
         """Every artifact the results use: teacher, codecs, reference heads, heads and learned baselines."""
         refs = [self.head_path(None, n) for n, spec in self.cfg.heads.items() if spec.reference == "train"]
-        learned = [self.learned_path(a, lm) for a, s in self.cfg.evaluation.learned_baselines.items() for lm in s.lambdas]
+        learned = [self.learned_path(arch, lmbda) for arch, spec in self.cfg.evaluation.learned_baselines.items()
+                   for lmbda in spec.lambdas]
         return [self.out / "teacher" / "teacher.pt", *map(self.codec_path, self.betas()), *refs,
                 *(self.head_path(b, n) for b in self.betas() for n in self.cfg.heads), *learned]
 
@@ -616,7 +620,8 @@ class Pipeline:
             stages[f"head {name}"] = (runs, [("train", "loss")] + [("val", k) for k in headline(val_keys)[:3]])
         for arch, spec in self.cfg.evaluation.learned_baselines.items():
             stages[arch] = ({f"λ={lm:g}": self.learned_path(arch, lm).parent for lm in spec.lambdas},
-                            [("train", "loss"), ("train", "psnr"), ("train", "bpp"), ("val", "psnr"), ("val", "bpp_est")])
+                            [("train", "loss"), ("train", "psnr"), ("train", "bpp"), ("val", "psnr"),
+                             ("val", "bpp_est")])
         return {k: v for k, v in stages.items() if any(read_log(d) for d in v[0].values())}
 
     def run(self, command: str | None = None) -> dict[str, Path]:
