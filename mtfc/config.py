@@ -131,15 +131,17 @@ class LearnedBaselineConfig:
     """One learned image codec of :mod:`mtfc.evaluation.learned`, trained on the bottleneck's training
     split: ``lambdas`` (its rate points; CompressAI's λ of ``λ·255²·MSE + bpp``), ``N``/``M`` (hidden and
     latent channels), ``steps`` (the highest λ, from scratch), ``finetune_steps`` (each lower λ, from the
-    highest λ's weights), ``batch_size``, ``optim`` and ``aux_lr`` (Adam on the quantiles)."""
+    highest λ's weights), ``batch_size``, ``optim``, ``entropy_lr`` (the entropy bottleneck's density;
+    null: ``optim.lr``) and ``aux_lr`` (Adam on its quantiles)."""
 
     lambdas: list[float]
     N: int = 32
     M: int = 48
-    steps: int = 120
-    finetune_steps: int = 30
+    steps: int = 160
+    finetune_steps: int = 40
     batch_size: int = 8
     optim: OptimSpec = field(default_factory=OptimSpec)
+    entropy_lr: float | None = None
     aux_lr: float = 1e-3
 
 

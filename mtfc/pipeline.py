@@ -443,8 +443,8 @@ class Pipeline:
                                         lmbda=lmbda, N=spec.N, M=spec.M, batch_size=spec.batch_size,
                                         steps=spec.steps if lmbda == top else spec.finetune_steps,
                                         init=None if lmbda == top else self.learned_path(arch, top), optim=spec.optim,
-                                        aux_lr=spec.aux_lr, out_dir=path.parent, seed=self.seed, key=key,
-                                        device=self.device, num_workers=b.num_workers, ckpt_every=b.ckpt_every)
+                                        aux_lr=spec.aux_lr, entropy_lr=spec.entropy_lr, out_dir=path.parent, seed=self.seed,
+                                        key=key, device=self.device, num_workers=b.num_workers, ckpt_every=b.ckpt_every)
                 paths[(arch, lmbda)] = path
         return paths
 

@@ -9,9 +9,10 @@ mtfc's bottleneck with CompressAI's rate–distortion loss (``examples/train.py`
 
 through mtfc's engine (:func:`mtfc.engine.fit`: resumable, curves in ``log.jsonl``). The field's
 trick for a sweep on a budget: the highest λ trains from scratch for ``steps``, each lower λ is
-fine-tuned from its weights for ``finetune_steps`` (:func:`train_learned_codec` with ``init``). After
-training the entropy models' quantiles are settled (:func:`mtfc.train.settle_quantiles`) and the CDF
-tables built (``update()``).
+fine-tuned from its weights for ``finetune_steps`` (:func:`train_learned_codec` with ``init``); the
+entropy bottleneck's density learns at its own rate (``entropy_lr``), as in mtfc's bottleneck. After
+training the entropy models' quantiles are settled (:func:`mtfc.train.settle_quantiles`,
+:data:`SETTLE_STEPS`) and the CDF tables built (``update()``).
 
 Images are padded (replicating the border) to a multiple of the architecture's total stride
 (:data:`ALIGN`) before the encoder and cropped after the decoder; the decoded image is rounded to 8
@@ -41,7 +42,7 @@ from mtfc.engine import clear_state, fit, seed_everything
 from mtfc.evaluation.runner import BatchResult
 from mtfc.optim import OptimSpec, build_optimizer
 
-__all__ = ["ARCHS", "ALIGN", "build_model", "pack", "unpack", "compress", "decompress", "LearnedCodecTask",
+__all__ = ["ARCHS", "ALIGN", "SETTLE_STEPS", "build_model", "pack", "unpack", "compress", "decompress", "LearnedCodecTask",
            "train_learned_codec", "load_learned_codec", "learned_method"]
 
 #: zoo name (CompressAI's ``compressai.zoo`` naming) → class in ``compressai.models``
@@ -50,6 +51,9 @@ ARCHS: dict[str, str] = {"bmshj2018-factorized": "FactorizedPrior",
                          "mbt2018-mean": "MeanScaleHyperprior"}
 #: the total stride down to each architecture's deepest latent (y: 16; the hyperprior's z: 64)
 ALIGN: dict[str, int] = {"bmshj2018-factorized": 16, "bmshj2018-hyperprior": 64, "mbt2018-mean": 64}
+
+#: Adam steps that settle the quantiles after training (mtfc's 2,000 cost up to a minute a model on 2 cores)
+SETTLE_STEPS = 500
 
 TaskFn = Callable[[torch.Tensor, list[dict[str, Any]]], list[Any]]
 
@@ -116,12 +120,16 @@ def decompress(model: nn.Module, arch: str, containers: Sequence[bytes]) -> torc
 
 class LearnedCodecTask(nn.Module):
     """CompressAI's training objective for :func:`mtfc.engine.fit`: ``λ·255²·MSE + bpp`` (bpp over the
-    original pixels) and the entropy bottleneck's aux loss on its quantiles (Adam at ``aux_lr``)."""
+    original pixels) and the entropy bottleneck's aux loss on its quantiles (Adam at ``aux_lr``).
+
+    The entropy bottleneck's density starts broad (CompressAI's ``init_scale`` 10): on a budget of a few
+    hundred steps it learns at ``entropy_lr`` (default: ``optim.lr``), as mtfc's own bottleneck does."""
 
     def __init__(self, model: nn.Module, arch: str, lmbda: float, optim: OptimSpec | None = None,
-                 aux_lr: float = 1e-3) -> None:
+                 aux_lr: float = 1e-3, entropy_lr: float | None = None) -> None:
         super().__init__()
         self.model, self.arch, self.lmbda, self.optim, self.aux_lr = model, arch, lmbda, optim or OptimSpec(), aux_lr
+        self.entropy_lr = entropy_lr
 
     def rd(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(MSE, estimated bpp) of one batch."""
@@ -136,10 +144,13 @@ class LearnedCodecTask(nn.Module):
                 "psnr": -10 * torch.log10(mse.detach())}
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        named = dict(self.model.named_parameters())
-        aux = [p for n, p in named.items() if n.endswith(".quantiles")]
-        main = [p for n, p in named.items() if not n.endswith(".quantiles")]
-        return {"loss": build_optimizer(main, self.optim), "aux_loss": torch.optim.Adam(aux, self.aux_lr)}
+        groups: dict[str, list[nn.Parameter]] = {"main": [], "density": [], "aux": []}
+        for name, p in self.model.named_parameters():
+            groups["aux" if name.endswith(".quantiles") else "density" if name.startswith("entropy_bottleneck.")
+                   else "main"].append(p)
+        main = build_optimizer(groups["main"], self.optim)
+        main.add_param_group({"params": groups["density"], "lr": self.entropy_lr or self.optim.lr, "weight_decay": 0.0})
+        return {"loss": main, "aux_loss": torch.optim.Adam(groups["aux"], self.aux_lr)}
 
     @torch.no_grad()
     def validate(self, loader: DataLoader) -> dict[str, float]:
@@ -153,7 +164,8 @@ class LearnedCodecTask(nn.Module):
 
 def train_learned_codec(arch: str, train_set: Dataset, val_set: Dataset | None, *, lmbda: float, N: int, M: int,
                         steps: int, batch_size: int, out_dir: str | Path, optim: OptimSpec | None = None,
-                        aux_lr: float = 1e-3, init: str | Path | None = None, seed: int = 0,
+                        aux_lr: float = 1e-3, entropy_lr: float | None = None, init: str | Path | None = None,
+                        seed: int = 0,
                         key: dict[str, Any] | None = None, device: str | torch.device | None = None,
                         **fit_kwargs: Any) -> Path:
     """Train ``arch`` at ``lmbda`` for ``steps`` (from the weights of the artifact ``init`` if given, else
@@ -167,13 +179,13 @@ def train_learned_codec(arch: str, train_set: Dataset, val_set: Dataset | None, 
     model = build_model(arch, N, M)
     if init is not None:
         model.load_state_dict(load_checkpoint(init, LEARNED_CODEC)["state_dict"])
-    task = LearnedCodecTask(model, arch, lmbda, optim, aux_lr)
+    task = LearnedCodecTask(model, arch, lmbda, optim, aux_lr, entropy_lr)
     epochs = math.ceil(steps / math.ceil(len(train_set) / batch_size))
     history = fit(task, train_set, out_dir=out, epochs=epochs, max_steps=steps, batch_size=batch_size, val_set=val_set,
                   val_every=epochs, collate_fn=collate, seed=seed, amp=False, device=device,
                   tag=key["sha256"] if key else None, **fit_kwargs)
     model.cpu()
-    aux = settle_quantiles(model)
+    aux = settle_quantiles(model, steps=SETTLE_STEPS)
     model.update(force=True)
     path = save_checkpoint(out / "codec.pt", LEARNED_CODEC, {
         "arch": arch, "N": N, "M": M, "lambda": lmbda, "state_dict": model.state_dict(), "key": key,
