@@ -137,8 +137,8 @@ class LearnedBaselineConfig:
     lambdas: list[float]
     N: int = 32
     M: int = 48
-    steps: int = 160
-    finetune_steps: int = 40
+    steps: int = 600
+    finetune_steps: int = 150
     batch_size: int = 8
     optim: OptimSpec = field(default_factory=OptimSpec)
     entropy_lr: float | None = None
