@@ -28,11 +28,13 @@ class Kind(NamedTuple):
 
 
 CODEC, HEAD, TEACHER, TRAIN_STATE = "mtfc-codec", "mtfc-head", "mtfc-teacher", "mtfc-train-state"
+LEARNED_CODEC = "mtfc-learned-codec"
 KINDS: dict[str, Kind] = {
     CODEC: Kind(1, "codec artifact", "`mtfc train-bottleneck CONFIG` (or `mtfc.save_codec`)"),
     HEAD: Kind(1, "head checkpoint", "`mtfc train-head CONFIG` (or `MultiTaskModel.save_head`)"),
     TEACHER: Kind(1, "teacher checkpoint", "`mtfc train-teacher CONFIG`"),
     TRAIN_STATE: Kind(1, "training checkpoint", "any training command (`mtfc.engine.fit`)"),
+    LEARNED_CODEC: Kind(1, "learned-codec baseline", "`mtfc run CONFIG` (`evaluation.learned_baselines`)"),
 }
 _LEGACY_FORMATS = {"mtfc.engine/1": (TRAIN_STATE, 1)}
 

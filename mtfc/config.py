@@ -127,14 +127,36 @@ class HeadConfig(StageConfig):
 
 
 @dataclass
+class LearnedBaselineConfig:
+    """One learned image codec of :mod:`mtfc.evaluation.learned`, trained on the bottleneck's training
+    split: ``lambdas`` (its rate points; CompressAI's λ of ``λ·255²·MSE + bpp``), ``N``/``M`` (hidden and
+    latent channels), ``steps`` (the highest λ, from scratch), ``finetune_steps`` (each lower λ, from the
+    highest λ's weights), ``batch_size``, ``optim``, ``entropy_lr`` (the entropy bottleneck's density;
+    null: ``optim.lr``) and ``aux_lr`` (Adam on its quantiles)."""
+
+    lambdas: list[float]
+    N: int = 32
+    M: int = 48
+    steps: int = 600
+    finetune_steps: int = 150
+    batch_size: int = 8
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    entropy_lr: float | None = None
+    aux_lr: float = 1e-3
+
+
+@dataclass
 class EvaluationConfig:
     """``baselines``: Pillow codec → qualities swept (jpeg, webp, avif); their files are cached under
-    ``<out_dir>/cache/baselines``. ``num_workers``: DataLoader workers, which also encode and decode
-    the baselines (``null``: one per CPU core; 0: in the main process)."""
+    ``<out_dir>/cache/baselines``. ``learned_baselines``: CompressAI architecture (bmshj2018-factorized,
+    bmshj2018-hyperprior, mbt2018-mean) → :class:`LearnedBaselineConfig`. ``num_workers``: DataLoader
+    workers, which also encode and decode the Pillow baselines (``null``: one per CPU core; 0: in the
+    main process)."""
 
     batch_size: int = 32
     num_workers: int | None = None
     baselines: dict[str, list[int]] = field(default_factory=dict)
+    learned_baselines: dict[str, LearnedBaselineConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -165,6 +187,7 @@ class Config:
             head.type = head.type or name
         if not config.bottleneck.betas:
             raise ValueError("bottleneck.betas is empty")
+        _check_learned(config.evaluation.learned_baselines)
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,6 +198,19 @@ class Config:
 def check_config(cfg: dict[str, Any]) -> None:
     """Raise ``KeyError``/``ValueError`` for a config dict that :meth:`Config.from_dict` refuses."""
     Config.from_dict(cfg)
+
+
+def _check_learned(sections: dict[str, LearnedBaselineConfig]) -> None:
+    from mtfc.evaluation.learned import ARCHS
+
+    check_keys(sections, ARCHS, "evaluation.learned_baselines")
+    for arch, spec in sections.items():
+        where = f"evaluation.learned_baselines.{arch}"
+        if not spec.lambdas or min(spec.lambdas) <= 0 or len(set(spec.lambdas)) != len(spec.lambdas):
+            raise ValueError(f"{where}.lambdas must be distinct positive numbers, got {spec.lambdas!r}")
+        for key in ("N", "M", "steps", "finetune_steps", "batch_size"):
+            if getattr(spec, key) < 1:
+                raise ValueError(f"{where}.{key} must be >= 1, got {getattr(spec, key)!r}")
 
 
 def _parse(cls: type, data: Any, where: str) -> Any:

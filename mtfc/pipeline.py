@@ -31,7 +31,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mtfc.checkpoint import TEACHER, TRAIN_STATE, CheckpointError, load_checkpoint, written_by
+from mtfc.checkpoint import LEARNED_CODEC, TEACHER, TRAIN_STATE, CheckpointError, load_checkpoint, written_by
 from mtfc.codec import Codec, load_codec
 from mtfc.config import DATA_GENERIC, DATA_LOCATION, Config, StageConfig
 from mtfc.engine import on_rank_zero, seed_everything
@@ -119,6 +119,9 @@ class Pipeline:
     def codec_path(self, beta: float) -> Path:
         return self.out / "bottleneck" / f"beta_{beta:g}" / "codec.pt"
 
+    def learned_path(self, arch: str, lmbda: float) -> Path:
+        return self.out / "learned" / arch / f"lambda_{lmbda:g}" / "codec.pt"
+
     def head_path(self, beta: float | None, name: str) -> Path:
         where = "reference" if beta is None else f"heads/beta_{beta:g}"
         return self.out / where / name / "head.pt"
@@ -188,6 +191,20 @@ class Pipeline:
             if spec.distill and spec.reference == "train":
                 inputs["reference"] = self.head_key(name, None)["sha256"]
         return _key(inputs)
+
+    def learned_key(self, arch: str, lmbda: float) -> dict[str, Any]:
+        """The key of learned baseline ``arch`` at ``lmbda``: its section (without the other λs), seed and
+        the bottleneck's data; a lower λ, fine-tuned from the highest, also the highest one's key."""
+        spec = self.cfg.evaluation.learned_baselines[arch]
+        top = max(spec.lambdas)
+        config = {k: v for k, v in dataclasses.asdict(spec).items() if k != "lambdas"}
+        inputs = {"stage": "learned-baseline", "arch": arch, "lambda": lmbda, "seed": self.seed,
+                  "data": self._data_inputs(self.cfg.bottleneck)}
+        if lmbda == top:
+            del config["finetune_steps"]
+        else:
+            inputs["init"] = self.learned_key(arch, top)["sha256"]
+        return _key({**inputs, "config": config})
 
     # -- checks before anything trains ----------------------------------------------------------------
     def validate(self, stages: Sequence[str] = STAGE_GROUPS) -> None:
@@ -411,6 +428,30 @@ class Pipeline:
             paths[beta] = path
         return paths
 
+    def train_learned_baselines(self) -> dict[tuple[str, float], Path]:
+        """Every learned image codec of ``evaluation.learned_baselines`` at every λ, on the bottleneck's
+        training split: the highest λ from scratch, each lower λ fine-tuned from it
+        (:func:`~mtfc.evaluation.learned.train_learned_codec`); an artifact whose key is this config's is reused."""
+        from mtfc.evaluation.learned import train_learned_codec
+
+        b, paths = self.cfg.bottleneck, {}
+        for arch, spec in self.cfg.evaluation.learned_baselines.items():
+            top = max(spec.lambdas)
+            for lmbda in sorted(spec.lambdas, reverse=True):
+                path, key, what = self.learned_path(arch, lmbda), self.learned_key(arch, lmbda), f"{arch} λ={lmbda:g}"
+                if self._usable(what, path, key, lambda p: load_checkpoint(p, LEARNED_CODEC).get("key")):
+                    _log(f"{what}: {path} exists, skipped")
+                else:
+                    _log(f"{what}: training" + ("" if lmbda == top else f" (fine-tuned from λ={top:g})"))
+                    train_learned_codec(arch, self.dataset(b, "train", train=True), self.dataset(b, "val", train=False),
+                                        lmbda=lmbda, N=spec.N, M=spec.M, batch_size=spec.batch_size,
+                                        steps=spec.steps if lmbda == top else spec.finetune_steps,
+                                        init=None if lmbda == top else self.learned_path(arch, top), optim=spec.optim,
+                                        aux_lr=spec.aux_lr, entropy_lr=spec.entropy_lr, out_dir=path.parent, seed=self.seed,
+                                        key=key, device=self.device, num_workers=b.num_workers, ckpt_every=b.ckpt_every)
+                paths[(arch, lmbda)] = path
+        return paths
+
     def build_head(self, name: str, latent_channels: int | None, dataset) -> Head:
         """Head ``name`` built from its config section by its :meth:`~mtfc.head.Head.from_config`."""
         spec = self.cfg.heads[name]
@@ -471,18 +512,21 @@ class Pipeline:
 
     @torch.no_grad()
     def evaluate(self) -> list[dict[str, Any]]:
-        """Rate–accuracy rows for mtfc at every β, every image-codec baseline and the uncompressed reference.
+        """Rate–accuracy rows for mtfc at every β, every image-codec baseline (Pillow's and the learned
+        ones, trained first if needed) and the uncompressed reference.
 
-        Every model runs on ``self.device``. Heads that share a validation set share one pass over it:
-        each image is loaded once, encoded and decoded once per codec (each β, each baseline setting)
-        and every head runs on that. The baselines' files come from the on-disk cache
-        (:class:`~mtfc.evaluation.baselines.RoundTripCache`) or are encoded in the DataLoader's workers.
+        Every model runs on ``self.device`` (the learned codecs' range coding on the CPU). Heads that share a
+        validation set share one pass over it: each image is loaded once, encoded and decoded once per codec
+        (each β, each baseline setting) and every head runs on that. The Pillow baselines' files come from
+        the on-disk cache (:class:`~mtfc.evaluation.baselines.RoundTripCache`) or are encoded in the
+        DataLoader's workers.
         """
         import os
 
         from tqdm.auto import tqdm
 
         from mtfc.evaluation.baselines import RoundTripCache, RoundTripDataset, available_codecs, collate_coded
+        from mtfc.evaluation.learned import learned_method, load_learned_codec
         from mtfc.evaluation.runner import BatchResult, Scorer, raw_rgb_bytes
 
         ev, heads, device = self.cfg.evaluation, self.cfg.heads, torch.device(self.device)
@@ -497,6 +541,8 @@ class Pipeline:
         groups: dict[str, list[str]] = {}  # heads sharing a validation set share one encode per image
         for name, spec in heads.items():
             groups.setdefault(yaml.safe_dump(self.data_cfg(spec), sort_keys=True), []).append(name)
+        with torch.enable_grad():  # this method runs under no_grad
+            learned_paths = self.train_learned_baselines()
         teacher = self.teacher_model().to(device)
         rows = []
         for key, names in groups.items():
@@ -519,15 +565,19 @@ class Pipeline:
                     model.load_head(name, self.head_path(beta, name))
                 models[beta] = (mtfc_method(model.to(device).eval()), scorer("mtfc", beta, model.heads))
             baselines = {point: scorer(*point, refs) for point in points}
+            tasks = {n: (lambda x, t, h=h: h.predict(x, geometry_of(t))) for n, h in refs.items()}
+            learned = {(arch, lmbda): (learned_method(load_learned_codec(path)[0], arch, tasks), scorer(arch, lmbda, refs))
+                       for (arch, lmbda), path in learned_paths.items()}
             raw = scorer("uncompressed", "raw", refs)
             cached = min((len(cache.entries[p]) for p in points), default=0)
-            _log(f"evaluate {', '.join(names)} on {device}: {len(val_set)} images through {len(models)} codecs and "
-                 f"{len(points)} baseline settings ({min(cached, len(val_set))} images' baselines cached)")
+            _log(f"evaluate {', '.join(names)} on {device}: {len(val_set)} images through {len(models)} codecs, "
+                 f"{len(points)} baseline settings ({min(cached, len(val_set))} images' baselines cached) and "
+                 f"{len(learned)} learned codecs")
             try:
                 for batch in tqdm(loader, desc=f"evaluate {', '.join(names)}", unit="batch"):
                     images, targets = batch.images.to(device), batch.targets
                     size, records = tuple(images.shape[-2:]), geometry_of(targets)
-                    for predict, score in models.values():
+                    for predict, score in [*models.values(), *learned.values()]:
                         score.add(predict(images, targets), targets, size)
                     for point, score in baselines.items():
                         rt = batch.roundtrips[point]
@@ -540,7 +590,8 @@ class Pipeline:
             finally:
                 cache.save()  # an interrupted evaluation keeps the baselines it encoded
             rows += [row for _, score in models.values() for row in score.rows()]
-            rows += [row for score in [*baselines.values(), raw] for row in score.rows()]
+            scores = [*baselines.values(), *(score for _, score in learned.values()), raw]
+            rows += [row for score in scores for row in score.rows()]
         return rows
 
     def report(self, rows: list[dict[str, Any]], command: str | None = None) -> dict[str, Path]:
@@ -554,13 +605,15 @@ class Pipeline:
     def artifact_dirs(self) -> dict[str, Path]:
         """Where each kind of artifact lives under ``out_dir`` (with its training logs and state)."""
         return {"teacher": self.out / "teacher", "references": self.out / "reference", "codecs": self.out / "bottleneck",
-                "heads": self.out / "heads", "caches": self.out / "cache"}
+                "heads": self.out / "heads", "learned baselines": self.out / "learned", "caches": self.out / "cache"}
 
     def artifacts(self) -> list[Path]:
-        """Every artifact the results use: teacher, codecs, reference heads and heads."""
+        """Every artifact the results use: teacher, codecs, reference heads, heads and learned baselines."""
         refs = [self.head_path(None, n) for n, spec in self.cfg.heads.items() if spec.reference == "train"]
+        learned = [self.learned_path(arch, lmbda) for arch, spec in self.cfg.evaluation.learned_baselines.items()
+                   for lmbda in spec.lambdas]
         return [self.out / "teacher" / "teacher.pt", *map(self.codec_path, self.betas()), *refs,
-                *(self.head_path(b, n) for b in self.betas() for n in self.cfg.heads)]
+                *(self.head_path(b, n) for b in self.betas() for n in self.cfg.heads), *learned]
 
     def training_logs(self) -> dict[str, tuple[dict[str, Path], list[tuple[str, str]]]]:
         """Every stage's runs (name → the engine's out_dir) and the curves to plot for it."""
@@ -575,6 +628,10 @@ class Pipeline:
                     **{f"β={b:g}": self.head_path(b, name).parent for b in self.betas()}}
             val_keys = next((list(r["val"]) for d in runs.values() for r in read_log(d) if r.get("val")), [])
             stages[f"head {name}"] = (runs, [("train", "loss")] + [("val", k) for k in headline(val_keys)[:3]])
+        for arch, spec in self.cfg.evaluation.learned_baselines.items():
+            stages[arch] = ({f"λ={lm:g}": self.learned_path(arch, lm).parent for lm in spec.lambdas},
+                            [("train", "loss"), ("train", "psnr"), ("train", "bpp"), ("val", "psnr"),
+                             ("val", "bpp_est")])
         return {k: v for k, v in stages.items() if any(read_log(d) for d in v[0].values())}
 
     def run(self, command: str | None = None) -> dict[str, Path]:
@@ -587,7 +644,8 @@ class Pipeline:
         self.train_bottlenecks()
         self.train_heads(references=True)
         self.train_heads()
-        _log("evaluate: rate–accuracy of mtfc, image-codec baselines and the uncompressed reference")
+        _log("evaluate: rate–accuracy of mtfc, image-codec baselines (learned ones trained first) and the "
+             "uncompressed reference")
         paths = self.report(self.evaluate(), command)
         _log(f"done in {time.time() - t0:.0f} s; report: {paths['markdown']}")
         return paths

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import mtfc
-from mtfc.checkpoint import (CODEC, HEAD, KINDS, TEACHER, TRAIN_STATE, CheckpointError, atomic_save, header,
-                             load_checkpoint, save_checkpoint)
+from mtfc.checkpoint import (CODEC, HEAD, KINDS, LEARNED_CODEC, TEACHER, TRAIN_STATE, CheckpointError, atomic_save,
+                             header, load_checkpoint, save_checkpoint)
 from mtfc.codec import load_codec, save_codec
 from mtfc.head import HEADS
 from mtfc.model import load_head, save_head
@@ -23,7 +23,8 @@ def _equal_state(a: dict, b: dict) -> bool:
 
 def test_one_error_class_a_value_error_exported_at_the_top():
     assert mtfc.CheckpointError is CheckpointError and issubclass(CheckpointError, ValueError)
-    assert {k: v.version for k, v in KINDS.items()} == {CODEC: 1, HEAD: 1, TEACHER: 1, TRAIN_STATE: 1}
+    assert {k: v.version for k, v in KINDS.items()} == {CODEC: 1, HEAD: 1, TEACHER: 1, TRAIN_STATE: 1,
+                                                          LEARNED_CODEC: 1}
 
 
 def test_round_trip_is_bit_identical(tmp_path, frozen_codec):

@@ -1,4 +1,5 @@
 """The main job end to end on a tiny config: every stage, every artifact, skip-on-rerun."""
+import csv
 import json
 from pathlib import Path
 
@@ -22,7 +23,9 @@ TINY = {
                       "epochs": 1, "batch_size": 16},
         "segmentation": {"type": "segmentation", "kwargs": {"hidden_channels": 16}, "epochs": 1, "batch_size": 16},
     },
-    "evaluation": {"batch_size": 16, "baselines": {"jpeg": [10, 90], "webp": [10, 90]}},
+    "evaluation": {"batch_size": 16, "baselines": {"jpeg": [10, 90], "webp": [10, 90]},
+                   "learned_baselines": {"bmshj2018-factorized": {"lambdas": [0.01, 0.1], "N": 8, "M": 8, "steps": 2,
+                                                                  "finetune_steps": 1, "batch_size": 8}}},
 }
 
 
@@ -50,20 +53,26 @@ def test_run_produces_every_artifact(run_dir):
         assert (report / name).is_file(), name
     rows = json.loads((report / "results.json").read_text())["rows"]
     methods = {(r["method"], str(r["rate_point"])) for r in rows}
-    assert {("mtfc", "0.01"), ("mtfc", "0.1"), ("jpeg", "10"), ("webp", "90"), ("uncompressed", "raw")} <= methods
+    assert {("mtfc", "0.01"), ("mtfc", "0.1"), ("jpeg", "10"), ("webp", "90"), ("bmshj2018-factorized", "0.01"),
+            ("bmshj2018-factorized", "0.1"), ("uncompressed", "raw")} <= methods
     assert {r["task"] for r in rows} == {"classification", "detection", "segmentation"}
     for r in rows:
         assert r["n_images"] == 16 and r["bpp_mean"] > 0
     md = (report / "report.md").read_text()
     assert "tiny.yaml" in md
+    for table, column in (("bd_rate.csv", "baseline"), ("within_reference.csv", "method")):
+        with open(report / table) as f:
+            assert "bmshj2018-factorized" in {r[column] for r in csv.DictReader(f)}, table
+    assert (report / "training" / "bmshj2018-factorized.png").is_file()
 
     def mb(folder: str) -> str:  # the files of one kind of artifact, measured here independently
         return f"{sum(p.stat().st_size for p in (run_dir / folder).rglob('*') if p.is_file()) / 1e6:.1f} MB"
 
     disk = json.loads((report / "results.json").read_text())["provenance"]["disk"]
-    assert list(disk) == ["teacher", "references", "codecs", "heads", "caches"] and all(disk.values())
+    assert list(disk) == ["teacher", "references", "codecs", "heads", "learned baselines", "caches"] and all(disk.values())
     assert (f"- disk: teacher {mb('teacher')}, references {mb('reference')}, codecs {mb('bottleneck')}, "
-            f"heads {mb('heads')}, caches {mb('cache')}; total {sum(disk.values()) / 1e6:.1f} MB") in md
+            f"heads {mb('heads')}, learned baselines {mb('learned')}, caches {mb('cache')}; "
+            f"total {sum(disk.values()) / 1e6:.1f} MB") in md
 
 
 def test_rerun_skips_finished_stages(run_dir, capsys):
@@ -123,6 +132,6 @@ def test_a_stage_of_another_data_type_inherits_only_type_independent_keys():
 
 def test_the_report_checks_that_every_artifact_was_written_by_this_code(run_dir):
     prov = json.loads((run_dir / "report" / "results.json").read_text())["provenance"]
-    # teacher, 2 codecs, 2 reference heads, 6 heads
-    assert len(prov["artifacts"]) == 11 and all(state == prov["git"] for state in prov["artifacts"].values())
-    assert "- artifacts: all 11 were written by this code (" in (run_dir / "report" / "report.md").read_text()
+    # teacher, 2 codecs, 2 reference heads, 6 heads, 2 learned baselines
+    assert len(prov["artifacts"]) == 13 and all(state == prov["git"] for state in prov["artifacts"].values())
+    assert "- artifacts: all 13 were written by this code (" in (run_dir / "report" / "report.md").read_text()
