@@ -275,10 +275,7 @@ class DetectionHead(Head):
             raise ValueError(f"the detection head expects a (B, {self.in_channels}, h, w) {what}, "
                              f"got shape {tuple(latent.shape)}")
         H, W = latent.shape[-2] * stride, latent.shape[-1] * stride
-        sizes = image_sizes(images, len(latent), "the detection head")
-        for r, (h, w) in zip(images, sizes):
-            if not (0 < h <= H and 0 < w <= W):
-                raise ValueError(f"image {r.get('image_id', '?')}: image_size {(h, w)} does not fit the {H}x{W} input")
+        sizes = image_sizes(images, len(latent), "the detection head", (H, W))
         padded = _pad_to(latent, self.detector.backbone.size_divisibility // stride)
         # The RPN and ROI heads read only image_sizes; the tensor stands for the padded batch (no pixels here).
         return padded, ImageList(latent.new_empty((len(latent), 0, *(n * stride for n in padded.shape[-2:]))), sizes)

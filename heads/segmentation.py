@@ -138,11 +138,8 @@ class SegmentationHead(Head):
     def predict(self, latent: torch.Tensor, images: Sequence[ImageGeometry] | None = None) -> list[torch.Tensor]:
         """One (H, W) label map per image at its record's ``image_size``: the logits are upsampled to
         the input canvas and each image's top-left ``image_size`` is kept (the padding is dropped)."""
-        sizes = image_sizes(images, len(latent), "the segmentation head")
         canvas = self._canvas(latent)
-        for h, w in sizes:
-            if not (0 < h <= canvas[0] and 0 < w <= canvas[1]):
-                raise ValueError(f"image_size {(h, w)} does not fit the {canvas[0]}x{canvas[1]} input")
+        sizes = image_sizes(images, len(latent), "the segmentation head", canvas)
         logits = self.decode_head.predict(self.backbone(latent), [{"img_shape": canvas}] * len(latent), None)
         return [labels[:h, :w] for labels, (h, w) in zip(logits.argmax(1), sizes)]
 

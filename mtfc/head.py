@@ -39,8 +39,8 @@ Targets = list[dict[str, Any]]
 class ImageGeometry(TypedDict):
     """One image's geometry, handed to every head's :meth:`Head.predict` (the model of torchvision's
     ``original_image_sizes`` and Detectron2's per-input height/width): ``image_size`` (H, W), the coded
-    image's size, and ``original_size`` (H0, W0), its size before resizing (equal to ``image_size``
-    until the stream's header carries the original size)."""
+    image's size, and ``original_size`` (H0, W0), its size before resizing (from the stream's header;
+    equal to ``image_size`` when the device did not resize)."""
 
     image_size: tuple[int, int]
     original_size: tuple[int, int]
@@ -60,14 +60,21 @@ def geometry_of(targets: Targets) -> list[ImageGeometry]:
     return [geometry(t["image_size"], t.get("orig_size")) for t in targets]
 
 
-def image_sizes(images: Sequence[ImageGeometry] | None, batch: int, head: str) -> list[tuple[int, int]]:
+def image_sizes(images: Sequence[ImageGeometry] | None, batch: int, head: str,
+                canvas: tuple[int, int]) -> list[tuple[int, int]]:
     """Each image's (H, W) from its record, for a head's :meth:`~Head.predict`; a clear error names
-    ``head`` when the records are missing or do not match the batch."""
+    ``head`` when the records are missing or do not match the batch, or the image when its size does not
+    fit the ``canvas`` (H, W) of the head's input."""
     if images is None or len(images) != batch:
         got = "none" if images is None else len(images)
         raise ValueError(f"{head} needs one geometry record per image ({{'image_size': (H, W), 'original_size': "
                          f"(H0, W0)}}, see mtfc.head.geometry), got {got} for a batch of {batch}")
-    return [tuple(int(v) for v in r["image_size"]) for r in images]
+    sizes = [tuple(int(v) for v in r["image_size"]) for r in images]
+    for r, (h, w) in zip(images, sizes):
+        if not (0 < h <= canvas[0] and 0 < w <= canvas[1]):
+            raise ValueError(f"image {r.get('image_id', '?')}: image_size {(h, w)} does not fit the "
+                             f"{canvas[0]}x{canvas[1]} input")
+    return sizes
 
 
 class Evaluator(Protocol):

@@ -206,6 +206,8 @@ def test_run_heads_needs_one_record_per_image(frozen_codec):
         model.heads["segmentation"].predict(latent)
     with pytest.raises(ValueError, match=r"image_size \(40, 32\) does not fit the 32x32 input"):
         model.heads["detection"].predict(latent, [mtfc.head.geometry((40, 32))] * 2)
+    with pytest.raises(ValueError, match=r"^image \?: image_size \(40, 32\) does not fit the 32x32 input$"):
+        model.heads["segmentation"].predict(latent, [mtfc.head.geometry((40, 32))] * 2)
 
 
 def test_every_head_reads_each_image_size_from_its_record(frozen_codec):
