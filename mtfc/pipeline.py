@@ -522,11 +522,12 @@ class Pipeline:
         DataLoader's workers.
         """
         import os
+        from itertools import chain
 
         from tqdm.auto import tqdm
 
         from mtfc.evaluation.baselines import RoundTripCache, RoundTripDataset, available_codecs, collate_coded
-        from mtfc.evaluation.learned import learned_method, load_learned_codec
+        from mtfc.evaluation.learned import load_learned_codec, roundtrip
         from mtfc.evaluation.runner import BatchResult, Scorer, raw_rgb_bytes
 
         ev, heads, device = self.cfg.evaluation, self.cfg.heads, torch.device(self.device)
@@ -565,8 +566,7 @@ class Pipeline:
                     model.load_head(name, self.head_path(beta, name))
                 models[beta] = (mtfc_method(model.to(device).eval()), scorer("mtfc", beta, model.heads))
             baselines = {point: scorer(*point, refs) for point in points}
-            tasks = {n: (lambda x, t, h=h: h.predict(x, geometry_of(t))) for n, h in refs.items()}
-            learned = {(arch, lmbda): (learned_method(load_learned_codec(path)[0], arch, tasks), scorer(arch, lmbda, refs))
+            learned = {(arch, lmbda): (load_learned_codec(path)[0], scorer(arch, lmbda, refs))
                        for (arch, lmbda), path in learned_paths.items()}
             raw = scorer("uncompressed", "raw", refs)
             cached = min((len(cache.entries[p]) for p in points), default=0)
@@ -577,12 +577,16 @@ class Pipeline:
                 for batch in tqdm(loader, desc=f"evaluate {', '.join(names)}", unit="batch"):
                     images, targets = batch.images.to(device), batch.targets
                     size, records = tuple(images.shape[-2:]), geometry_of(targets)
-                    for predict, score in [*models.values(), *learned.values()]:
+                    for predict, score in models.values():
                         score.add(predict(images, targets), targets, size)
-                    for point, score in baselines.items():
-                        rt = batch.roundtrips[point]
-                        decoded = rt.images.to(device).float().div_(255)
-                        preds = {n: h.predict(decoded, records) for n, h in refs.items()}
+                    # every image codec's round trip through the references, one at a time: Pillow's (coded in
+                    # the workers, uint8) and the learned ones
+                    trips = chain(((score, batch.roundtrips[point]) for point, score in baselines.items()),
+                                  ((score, roundtrip(model, arch, images)) for (arch, _), (model, score) in learned.items()))
+                    for score, rt in trips:
+                        if not rt.images.is_floating_point():
+                            rt = rt._replace(images=rt.images.to(device).float().div_(255))
+                        preds = {n: h.predict(rt.images, records) for n, h in refs.items()}
                         score.add(BatchResult(preds, rt.num_bytes, rt.encode_s, rt.decode_s), targets, size)
                     raw.add(BatchResult({n: h.predict(images, records) for n, h in refs.items()}, raw_rgb_bytes(images, targets),
                                         0.0, 0.0), targets, size)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,11 @@ from torch.utils.data import DataLoader, Dataset
 from mtfc.bitstream import _read_varint, _varint
 from mtfc.checkpoint import LEARNED_CODEC, load_checkpoint, save_checkpoint
 from mtfc.engine import clear_state, fit, seed_everything
-from mtfc.evaluation.runner import BatchResult
+from mtfc.evaluation.baselines import RoundTrip
 from mtfc.optim import OptimSpec, build_optimizer
 
 __all__ = ["ARCHS", "ALIGN", "SETTLE_STEPS", "build_model", "pack", "unpack", "compress", "decompress", "LearnedCodecTask",
-           "train_learned_codec", "load_learned_codec", "learned_method"]
+           "train_learned_codec", "load_learned_codec", "roundtrip"]
 
 #: zoo name (CompressAI's ``compressai.zoo`` naming) → class in ``compressai.models``
 ARCHS: dict[str, str] = {"bmshj2018-factorized": "FactorizedPrior",
@@ -54,9 +54,6 @@ ALIGN: dict[str, int] = {"bmshj2018-factorized": 16, "bmshj2018-hyperprior": 64,
 
 #: Adam steps that settle the quantiles after training (mtfc's 2,000 cost up to a minute a model on 2 cores)
 SETTLE_STEPS = 500
-
-TaskFn = Callable[[torch.Tensor, list[dict[str, Any]]], list[Any]]
-
 
 def build_model(arch: str, N: int, M: int) -> nn.Module:
     """CompressAI's ``arch`` (a key of :data:`ARCHS`) with ``N`` hidden and ``M`` latent channels."""
@@ -202,16 +199,12 @@ def load_learned_codec(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), ckpt
 
 
-def learned_method(model: nn.Module, arch: str, models: Mapping[str, TaskFn]) -> Callable[..., BatchResult]:
-    """A ``predict_fn`` for :func:`mtfc.evaluation.runner.evaluate_method`: compress each image with the
-    model's entropy coders, decompress it, run every task's reference model on the decoded images;
-    the bytes are the containers' lengths. Coding runs on the CPU (CompressAI's range coder does)."""
-    def predict(images: torch.Tensor, targets: list[dict[str, Any]]) -> BatchResult:
-        t0 = time.perf_counter()
-        containers = compress(model, arch, images.cpu())
-        t1 = time.perf_counter()
-        decoded = decompress(model, arch, containers).to(images.device)
-        t2 = time.perf_counter()
-        return BatchResult({task: fn(decoded, targets) for task, fn in models.items()},
-                           [len(c) for c in containers], t1 - t0, t2 - t1)
-    return predict
+def roundtrip(model: nn.Module, arch: str, images: torch.Tensor) -> RoundTrip:
+    """``images`` compressed with the model's entropy coders and decompressed, as a Pillow baseline's
+    :class:`~mtfc.evaluation.baselines.RoundTrip` (decoded images on ``images``' device, the containers'
+    lengths, the coding times). Coding runs on the CPU (CompressAI's range coder does)."""
+    t0 = time.perf_counter()
+    containers = compress(model, arch, images.cpu())
+    t1 = time.perf_counter()
+    decoded = decompress(model, arch, containers).to(images.device)
+    return RoundTrip(decoded, [len(c) for c in containers], t1 - t0, time.perf_counter() - t1)
