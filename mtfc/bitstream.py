@@ -3,10 +3,12 @@
 Layout (format version 3; integers marked *varint* are unsigned LEB128, 1 byte below 128)::
 
     size      field
-    1         format byte 0b1011_0nnf: the high nibble 0xB marks an mtfc version-3 stream,
+    1         format byte 0b1011_lnnf: the high nibble 0xB marks an mtfc version-3 stream,
+              l = 1 when a rate level follows the fingerprint (variable-rate codecs),
               nn = number of payloads − 1 (1: factorized prior; 2: y and z of the hyperprior),
               f = 1 when the original image size follows the coded size
     2         codec fingerprint: first 2 bytes of ``Codec.fingerprint``
+    varint    rate level (only when l = 1): which of the codec's levels coded the latent
     varint    coded height H, varint coded width W (pixels the codec encoded)
     varint×2  original height H0 and width W0 (only when f = 1): the image's size before the device
               resized it, which heads map their predictions back to
@@ -72,11 +74,13 @@ class ImageTooLargeError(CorruptStreamError):
 
 @dataclass(frozen=True)
 class Header:
-    """What a stream says about its image. ``original_size`` defaults to ``image_size``."""
+    """What a stream says about its image. ``original_size`` defaults to ``image_size``; ``level``: the
+    rate level of a variable-rate codec (``None``: a fixed-rate codec's stream)."""
 
     fingerprint: bytes
     image_size: tuple[int, int]
     original_size: tuple[int, int] | None = None
+    level: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", tuple(self.image_size))
@@ -115,9 +119,11 @@ def pack(header: Header, payloads: list[bytes]) -> bytes:
         raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
     if not 1 <= len(payloads) <= MAX_PAYLOADS:
         raise ValueError(f"a stream holds 1 to {MAX_PAYLOADS} payloads, got {len(payloads)}")
-    has_original = header.original_size != header.image_size
-    body = bytearray([FORMAT_MARK | (len(payloads) - 1) << 1 | has_original])
+    has_original, has_level = header.original_size != header.image_size, header.level is not None
+    body = bytearray([FORMAT_MARK | has_level << 3 | (len(payloads) - 1) << 1 | has_original])
     body += header.fingerprint
+    if has_level:
+        body += _varint(header.level)
     for v in (*header.image_size, *(header.original_size if has_original else ())):
         body += _varint(v)
     for p in payloads[:-1]:
@@ -139,16 +145,19 @@ def unpack(stream: bytes, fingerprint: bytes | None = None) -> tuple[Header, lis
         version = stream[4] if len(stream) > 4 else "1 or 2"
         raise UnsupportedVersionError(f"bitstream format version {version}; this mtfc reads version {VERSION} only: "
                                       "re-encode the image with this mtfc")
-    if not stream or stream[0] & 0xF8 != FORMAT_MARK:
+    if not stream or stream[0] & 0xF0 != FORMAT_MARK:
         raise NotAStreamError("not an mtfc bitstream (wrong format byte)")
     if len(stream) < _MIN_LEN:
         raise TruncatedStreamError(f"stream is {len(stream)} bytes, shorter than the smallest valid stream")
-    n, has_original = ((stream[0] >> 1) & 0b11) + 1, stream[0] & 1
+    n, has_original, has_level = ((stream[0] >> 1) & 0b11) + 1, stream[0] & 1, stream[0] >> 3 & 1
     fp = stream[1 : 1 + FINGERPRINT_BYTES]
     if fingerprint is not None and fp != fingerprint[:FINGERPRINT_BYTES]:
         raise CodecMismatchError(
             f"stream was encoded by codec {fp.hex()}…, this codec is {fingerprint[:FINGERPRINT_BYTES].hex()}…")
     pos = 1 + FINGERPRINT_BYTES
+    level = None
+    if has_level:
+        level, pos = _read_varint(stream, pos)
     fields = []
     for _ in range(2 + 2 * has_original + n - 1):
         v, pos = _read_varint(stream, pos)
@@ -172,4 +181,4 @@ def unpack(stream: bytes, fingerprint: bytes | None = None) -> tuple[Header, lis
     if has_original and sizes[2] * sizes[3] > MAX_PIXELS:
         raise ImageTooLargeError(f"header announces an original size of {sizes[2]}x{sizes[3]}; "
                                  f"at most {MAX_PIXELS} pixels")
-    return Header(fp, (H, W), tuple(sizes[2:]) or None), payloads
+    return Header(fp, (H, W), tuple(sizes[2:]) or None, level), payloads

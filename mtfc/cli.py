@@ -320,6 +320,8 @@ def _send_options(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--codec", help="codec artifact (PyTorch encoder)")
     parser.add_argument("--heads", help="comma-separated heads (default: all)")
     parser.add_argument("--size", type=int, help="resize images to SIZExSIZE first (default: pad only)")
+    parser.add_argument("--level", "--rate", type=int, dest="level",
+                        help="rate level of a variable-rate codec (0: the highest rate; default its middle level)")
     parser.add_argument("--token", help="bearer token (default: $MTFC_TOKEN)")
     parser.add_argument("--cacert", help="CA bundle that signed the server's certificate (self-signed TLS)")
     parser.add_argument("--threads", type=int, default=1, help="encoder threads")
@@ -346,7 +348,8 @@ def _send(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("MTFC_TOKEN")
     with Client(args.server, encoder, token=token, verify=args.cacert or True) as client:
         try:
-            results = send_images(args.images, client, args.heads.split(",") if args.heads else None, args.size)
+            results = send_images(args.images, client, args.heads.split(",") if args.heads else None, args.size,
+                                  args.level)
         except ServerError as e:
             print(f"mtfc send: the server refused the request: {e}", file=sys.stderr)
             return 1

@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import torch
 from compressai.layers import GDN
+from compressai.entropy_models import EntropyBottleneck
+from compressai.entropy_models.entropy_models_vbr import EntropyBottleneckVbr
 from compressai.models import CompressionModel
 from compressai.models.utils import conv
 from torch import nn
@@ -120,6 +122,8 @@ class Codec(CompressionModel):
         hidden_channels: width of the encoder (at stride 4) and decoder.
         out_channels: channels of the teacher's ``layer1`` features the decoder imitates.
         encoder: the device encoder, one of :data:`ENCODERS` (see :func:`build_encoder`).
+        levels: the number of rate levels of a variable-rate prior (``"step"``, ``"gain"``; level 0 is the
+            highest rate); 0 for the fixed-rate ones.
 
     ``config`` records ``encoder`` only when it is not ``"es"``: a config without the key is the
     legacy ``"es"`` encoder, so every artifact written before the key existed keeps its config and
@@ -130,18 +134,23 @@ class Codec(CompressionModel):
     latent_stride = 4
 
     def __init__(self, kind: str = "factorized", latent_channels: int = 24, hidden_channels: int = 96,
-                 out_channels: int = 64, encoder: str = DEFAULT_ENCODER) -> None:
+                 out_channels: int = 64, encoder: str = DEFAULT_ENCODER, levels: int = 0) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown codec kind {kind!r}; choose from {KINDS}")
+        self.prior = PRIORS[kind]
+        if self.prior.variable != (levels > 0):
+            raise ValueError(f"codec kind {kind!r} " + ("needs levels > 0 (its number of rate levels)" if self.prior.variable
+                                                       else f"has one rate; levels={levels} is for 'step' or 'gain'"))
         self.config = dict(kind=kind, latent_channels=latent_channels, hidden_channels=hidden_channels,
                            out_channels=out_channels)
         if encoder != LEGACY_ENCODER:
             self.config["encoder"] = encoder
+        if levels:
+            self.config["levels"] = levels
         N, C = hidden_channels, latent_channels
-        self.prior = PRIORS[kind]
         self.g_a = build_encoder(encoder, N, C)
-        self.latent_codec = self.prior.build(C, N)
+        self.latent_codec = self.prior.build(C, N, levels)
         self.decoder = LatentDecoder(C, out_channels, N)
         self.meta: dict[str, Any] = {}
         self._fingerprint: str | None = None
@@ -167,6 +176,26 @@ class Codec(CompressionModel):
         return self.config["latent_channels"]
 
     @property
+    def levels(self) -> int:
+        """Rate levels of a variable-rate codec (0: one rate)."""
+        return self.config.get("levels", 0)
+
+    def _levels(self, level: int | Sequence[int] | torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """Each image's level as a (B,) tensor (``None`` for a fixed-rate codec); ``level=None`` on a
+        variable-rate codec means its middle level."""
+        if not self.levels:
+            if level is not None:
+                raise ValueError("this codec has one rate; level= is for variable-rate codecs (kind 'step' or 'gain')")
+            return None
+        levels = torch.as_tensor(self.levels // 2 if level is None else level, dtype=torch.long).reshape(-1)
+        if levels.numel() == 1:
+            levels = levels.expand(batch)
+        if levels.numel() != batch or levels.min() < 0 or levels.max() >= self.levels:
+            raise ValueError(f"level must be one of 0..{self.levels - 1} (0: the highest rate), for the batch or "
+                             f"per image; got {level!r} for {batch} images")
+        return levels
+
+    @property
     def size_divisibility(self) -> int:
         """Input height and width must be multiples of this (4, or 16 with the hyper branch)."""
         return self.latent_stride * self.prior.latent_divisibility
@@ -183,11 +212,17 @@ class Codec(CompressionModel):
         return self._fingerprint
 
     # -- training (stage 1) ----------------------------------------------------------------------
-    def forward(self, images: torch.Tensor) -> dict[str, Any]:
-        """Training pass: noisy latent, its likelihoods, and the decoder's features."""
-        out = self.latent_codec(self.g_a(normalize(images)))
+    def forward(self, images: torch.Tensor, levels: torch.Tensor | None = None) -> dict[str, Any]:
+        """Training pass: noisy latent, its likelihoods, and the decoder's features; ``levels``: each
+        image's rate level (variable-rate codecs only)."""
+        y = self.g_a(normalize(images))
+        out = self.latent_codec(y) if levels is None else self.latent_codec(y, levels)
         out["features"] = self.decoder(out["y_hat"])
         return out
+
+    def aux_loss(self) -> torch.Tensor:
+        """The entropy models' quantile loss (CompressAI's, counting ``EntropyBottleneckVbr`` too)."""
+        return sum(m.loss() for m in self.modules() if isinstance(m, (EntropyBottleneck, EntropyBottleneckVbr)))
 
     def freeze(self) -> Codec:
         """Build the CDF tables, freeze every parameter and fix the fingerprint."""
@@ -241,37 +276,48 @@ class Codec(CompressionModel):
                              "(e.g. torch.nan_to_num) before encoding")
 
     @torch.no_grad()
-    def quantize(self, images: torch.Tensor) -> torch.Tensor:
-        """The hard-quantized latent ŷ, bit-identical to ``decode(encode(images))``."""
+    def quantize(self, images: torch.Tensor, level: int | Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """The hard-quantized latent ŷ, bit-identical to ``decode(encode(images, level=level))``;
+        ``level``: a variable-rate codec's level for the batch or per image."""
         self._check_images(images)
-        return self.coder.quantize(self.g_a(normalize(images)))
+        return self.coder.quantize(self.g_a(normalize(images)), self._levels(level, len(images)))
 
     @torch.no_grad()
-    def compress_latent(self, y: torch.Tensor) -> list[bytes]:
+    def compress_latent(self, y: torch.Tensor, level: int | None = None) -> list[bytes]:
         """The entropy-coded payloads of one image's latent ``y`` (1, C, h, w), as :meth:`encode` packs them.
 
         Raises ``ValueError`` if ``y`` is not finite."""
-        return self.coder.compress(y)
+        return self.coder.compress(y, level)
 
     @torch.no_grad()
     def pack_latent(self, y: torch.Tensor, image_size: tuple[int, int],
-                    original_sizes: Sequence[tuple[int, int]] | None = None) -> list[bytes]:
+                    original_sizes: Sequence[tuple[int, int]] | None = None,
+                    level: int | Sequence[int] | torch.Tensor | None = None) -> list[bytes]:
         """One self-describing bitstream (see :mod:`mtfc.bitstream`) per latent of the batch ``y``
         (B, C, h, w), computed from images of ``image_size`` (H, W) that had ``original_sizes`` before
-        the device resized them (default: ``image_size``): what :meth:`encode` returns, and what the
+        the device resized them (default: ``image_size``), at rate ``level`` (variable-rate codecs: for
+        the batch or per image; default the middle level): what :meth:`encode` returns, and what the
         ONNX device encoder (:class:`mtfc.deploy.Encoder`) sends."""
         if original_sizes is not None and len(original_sizes) != len(y):
             raise ValueError(f"{len(original_sizes)} original sizes for {len(y)} images")
+        levels = self._levels(level, len(y))
         fp = bytes.fromhex(self.fingerprint)[: bitstream.FINGERPRINT_BYTES]
-        return [bitstream.pack(bitstream.Header(fp, tuple(image_size), original_sizes and tuple(original_sizes[i])),
-                               self.compress_latent(y[i : i + 1])) for i in range(len(y))]
+        streams = []
+        for i in range(len(y)):
+            lv = None if levels is None else int(levels[i])
+            header = bitstream.Header(fp, tuple(image_size), original_sizes and tuple(original_sizes[i]), lv)
+            streams.append(bitstream.pack(header, self.compress_latent(y[i : i + 1], lv)))
+        return streams
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]] | None = None) -> list[bytes]:
+    def encode(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]] | None = None,
+               level: int | Sequence[int] | torch.Tensor | None = None) -> list[bytes]:
         """One self-describing bitstream per image (see :mod:`mtfc.bitstream`); ``original_sizes``: each
-        image's (H, W) before it was resized to the batch's size, sent for the heads (default: unresized)."""
+        image's (H, W) before it was resized to the batch's size, sent for the heads (default: unresized);
+        ``level``: a variable-rate codec's rate level (0 … ``levels`` − 1, 0 the highest rate), for the
+        batch or per image (default: the middle level)."""
         self._check_images(images)
-        return self.pack_latent(self.g_a(normalize(images)), tuple(images.shape[-2:]), original_sizes)
+        return self.pack_latent(self.g_a(normalize(images)), tuple(images.shape[-2:]), original_sizes, level)
 
     @torch.no_grad()
     def decode(self, streams: list[bytes]) -> torch.Tensor:
@@ -299,9 +345,13 @@ class Codec(CompressionModel):
                 raise bitstream.CorruptStreamError(
                     f"header does not match this codec: image {H}x{W} (this codec needs multiples of {d}), "
                     f"{len(payloads)} payloads (this codec sends {n_payloads})")
+            if (header.level is None) != (not self.levels) or (header.level or 0) >= max(self.levels, 1):
+                raise bitstream.CorruptStreamError(
+                    f"header does not match this codec: rate level {header.level} (this codec "
+                    + (f"codes levels 0..{self.levels - 1})" if self.levels else "has one rate and sends no level)"))
             if header.image_size != parsed[0][0].image_size:
                 raise ValueError("streams of different image sizes cannot be decoded as one batch; decode them separately")
-            latents.append(self.coder.decompress(payloads, (H // s, W // s)))
+            latents.append(self.coder.decompress(payloads, (H // s, W // s), header.level))
         return torch.cat(latents), [header for header, _ in parsed]
 
 

@@ -28,6 +28,7 @@ and then decodes, like any payload, to a latent within the bounds above; every f
 """
 from __future__ import annotations
 
+import copy
 from functools import cached_property
 
 import constriction
@@ -160,17 +161,19 @@ class TableCoder:
 class LatentCoder:
     """What a CompressAI latent codec does at inference, with :class:`TableCoder` as its coder:
     :meth:`quantize` (the latent the decoder gets), :meth:`compress` and :meth:`decompress`.
-    Each prior of :data:`mtfc.priors.PRIORS` names its coder."""
+    Each prior of :data:`mtfc.priors.PRIORS` names its coder. A variable-rate coder takes each image's
+    rate level (``levels``: one per image of the batch; ``level``: the one image's); a fixed-rate coder
+    gets ``None``."""
 
-    def quantize(self, y: torch.Tensor) -> torch.Tensor:
+    def quantize(self, y: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         """ŷ of a batch of latents ``y`` (B, C, h, w): bit-identical to ``decompress(compress(y))``."""
         raise NotImplementedError
 
-    def compress(self, y: torch.Tensor) -> list[bytes]:
+    def compress(self, y: torch.Tensor, level: int | None = None) -> list[bytes]:
         """The payloads of one image's latent ``y`` (1, C, h, w)."""
         raise NotImplementedError
 
-    def decompress(self, payloads: list[bytes], shape: tuple[int, int]) -> torch.Tensor:
+    def decompress(self, payloads: list[bytes], shape: tuple[int, int], level: int | None = None) -> torch.Tensor:
         """ŷ (1, C, h, w) from the payloads :meth:`compress` wrote for a latent of spatial size ``shape``."""
         raise NotImplementedError
 
@@ -207,13 +210,13 @@ class FactorizedCoder(LatentCoder):
     def __init__(self, latent_codec: EntropyBottleneckLatentCodec) -> None:
         self.bottleneck = _Bottleneck(latent_codec.entropy_bottleneck)
 
-    def quantize(self, y: torch.Tensor) -> torch.Tensor:
+    def quantize(self, y: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         return self.bottleneck.quantize(y)[1]
 
-    def compress(self, y: torch.Tensor) -> list[bytes]:
+    def compress(self, y: torch.Tensor, level: int | None = None) -> list[bytes]:
         return [self.bottleneck.encode(y)[0]]
 
-    def decompress(self, payloads: list[bytes], shape: tuple[int, int]) -> torch.Tensor:
+    def decompress(self, payloads: list[bytes], shape: tuple[int, int], level: int | None = None) -> torch.Tensor:
         (payload,) = payloads
         return self.bottleneck.decode(payload, (1, len(self.bottleneck.medians[0]), *shape))
 
@@ -235,7 +238,7 @@ class HyperpriorCoder(LatentCoder):
         scales, means = self.y.entropy_parameters(self.hyper.h_s(z_hat)).chunk(2, 1)
         return self.conditional.build_indexes(scales).numpy(), means
 
-    def quantize(self, y: torch.Tensor) -> torch.Tensor:
+    def quantize(self, y: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         check_finite(y)  # before ẑ, which it would make non-finite too
         # Image by image: the hyper-synthesis runs on exactly the tensors decompress() gives it.
         out = []
@@ -244,16 +247,84 @@ class HyperpriorCoder(LatentCoder):
             out.append(quantize(y[i : i + 1], self._prior(z_hat)[1])[1])
         return torch.cat(out)
 
-    def compress(self, y: torch.Tensor) -> list[bytes]:
+    def compress(self, y: torch.Tensor, level: int | None = None) -> list[bytes]:
         check_finite(y)
         z_payload, z_hat = self.bottleneck.encode(self.hyper.h_a(y))
         indexes, means = self._prior(z_hat)
         values, _ = quantize(y, means)
         return [self.tables.encode(values.numpy(), indexes), z_payload]
 
-    def decompress(self, payloads: list[bytes], shape: tuple[int, int]) -> torch.Tensor:
+    def decompress(self, payloads: list[bytes], shape: tuple[int, int], level: int | None = None) -> torch.Tensor:
         y_payload, z_payload = payloads
         h, w = shape
         z_hat = self.bottleneck.decode(z_payload, (1, len(self.bottleneck.medians[0]), h // 4, w // 4))
         indexes, means = self._prior(z_hat)
         return torch.from_numpy(self.tables.decode(y_payload, indexes)).to(means.dtype) + means
+
+
+def _channel_indexes(shape: tuple[int, ...]) -> np.ndarray:
+    return np.broadcast_to(np.arange(shape[1]).reshape(1, -1, 1, 1), shape)
+
+
+class StepCoder(LatentCoder):
+    """:class:`~mtfc.priors.StepLatentCodec`: one payload; level ``l`` codes ``round((y − median) / Δ_l)``
+    with the tables CompressAI's ``EntropyBottleneckVbr.update_variable(qs=Δ_l)`` builds (each level's
+    built once, on a copy: the codec's own buffers, and with them its fingerprint, stay as frozen)."""
+
+    def __init__(self, latent_codec) -> None:
+        self.model = latent_codec.entropy_bottleneck
+        self.steps = latent_codec.steps().detach()
+        self.medians = self.model.quantiles[:, 0, 1].detach().reshape(1, -1, 1, 1)
+        self._tables: dict[int, TableCoder] = {}
+
+    def tables(self, level: int) -> TableCoder:
+        if level not in self._tables:
+            model = copy.deepcopy(self.model)
+            model.update_variable(force=True, qs=self.steps[level])
+            self._tables[level] = TableCoder(model)
+        return self._tables[level]
+
+    def _quantize(self, y: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_finite(y)
+        values = torch.round((y - self.medians) / steps).clamp_(-ESCAPE_LIMIT, ESCAPE_LIMIT)
+        return values, values * steps + self.medians
+
+    def quantize(self, y: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+        return self._quantize(y, self.steps[levels].reshape(-1, 1, 1, 1))[1]
+
+    def compress(self, y: torch.Tensor, level: int | None = None) -> list[bytes]:
+        values, _ = self._quantize(y, self.steps[level])
+        return [self.tables(level).encode(values.numpy(), _channel_indexes(tuple(y.shape)))]
+
+    def decompress(self, payloads: list[bytes], shape: tuple[int, int], level: int | None = None) -> torch.Tensor:
+        (payload,) = payloads
+        indexes = _channel_indexes((1, self.medians.shape[1], *shape))
+        values = torch.from_numpy(self.tables(level).decode(payload, indexes)).to(self.medians.dtype)
+        return values * self.steps[level] + self.medians
+
+
+class GainCoder(LatentCoder):
+    """:class:`~mtfc.priors.GainLatentCodec`: one payload; level ``l`` codes ``y ⊙ g_l`` with level ``l``'s
+    ``EntropyBottleneck`` tables and returns the decoded values ⊙ ``g'_l``."""
+
+    def __init__(self, latent_codec) -> None:
+        gain, inverse = latent_codec.gains()
+        self.gain, self.inverse = gain.detach(), inverse.detach()
+        self.bottlenecks = [_Bottleneck(eb) for eb in latent_codec.entropy_bottleneck]
+
+    def quantize(self, y: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+        check_finite(y)
+        out = torch.empty_like(y)
+        for level in torch.unique(levels).tolist():
+            idx = (levels == level).nonzero().squeeze(1)
+            out[idx] = self.bottlenecks[level].quantize(y[idx] * self.gain[level])[1] * self.inverse[level]
+        return out
+
+    def compress(self, y: torch.Tensor, level: int | None = None) -> list[bytes]:
+        check_finite(y)
+        return [self.bottlenecks[level].encode(y * self.gain[level])[0]]
+
+    def decompress(self, payloads: list[bytes], shape: tuple[int, int], level: int | None = None) -> torch.Tensor:
+        (payload,) = payloads
+        bottleneck = self.bottlenecks[level]
+        return bottleneck.decode(payload, (1, len(bottleneck.medians[0]), *shape)) * self.inverse[level]

@@ -28,11 +28,12 @@ from mtfc.codec import Codec
 KINDS = ("random", "truncated", "oversized", "bitflip")
 
 
-def small_codec(kind: str = "factorized", seed: int = 0) -> Codec:
-    """A small frozen codec to fuzz without an artifact: untrained (8 latent, 16 hidden channels), its
-    encoder's last layer scaled ×20 so that the rounded latent spans several values, as a trained one does."""
+def small_codec(kind: str = "factorized", seed: int = 0, levels: int = 0) -> Codec:
+    """A small frozen codec to fuzz without an artifact: untrained (8 latent, 16 hidden channels; ``levels``
+    rate levels for a variable-rate kind), its encoder's last layer scaled ×20 so that the rounded latent
+    spans several values, as a trained one does."""
     torch.manual_seed(seed)
-    codec = Codec(kind=kind, latent_channels=8, hidden_channels=16, out_channels=64)
+    codec = Codec(kind=kind, latent_channels=8, hidden_channels=16, out_channels=64, levels=levels)
     with torch.no_grad():
         codec.g_a[-1].weight.mul_(20)
     return codec.freeze()

@@ -37,6 +37,7 @@ from mtfc.config import DATA_GENERIC, DATA_LOCATION, Config, StageConfig
 from mtfc.engine import on_rank_zero, seed_everything
 from mtfc.head import HEADS, Head, HeadContext, geometry_of
 from mtfc.model import MultiTaskModel, read_head_checkpoint
+from mtfc.priors import PRIORS
 from mtfc.teacher import (build_teacher, candidate_taps, is_local_weights, pretrained_cache_file, pretrained_fixes,
                           pretrained_weights, stage_channels)
 
@@ -71,6 +72,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         return Config.from_dict(cfg)
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"config {path}: {e.args[0]}") from None
+
+
+#: what one codec is trained for: a β, or every β of a variable-rate codec (its levels, in order)
+Run = float | tuple[float, ...]
 
 
 def _log(msg: str) -> None:
@@ -114,16 +119,38 @@ class Pipeline:
         return {"seed": self.seed, "device": self.device, **{k: getattr(stage, k) for k in keys}}
 
     def betas(self) -> list[float]:
+        """The rate points: one codec each, or the levels of one variable-rate codec (in this order)."""
         return list(self.cfg.bottleneck.betas)
 
-    def codec_path(self, beta: float) -> Path:
-        return self.out / "bottleneck" / f"beta_{beta:g}" / "codec.pt"
+    @property
+    def variable_rate(self) -> bool:
+        """Whether ``bottleneck.codec.kind`` is a variable-rate prior: one codec for every β."""
+        return PRIORS[self.cfg.bottleneck.codec.get("kind", "factorized")].variable
+
+    def runs(self) -> list[Run]:
+        """What stage 1 trains and every head trains on: each β (one codec each), or all βs at once
+        (the levels of one variable-rate codec)."""
+        return [tuple(self.betas())] if self.variable_rate else self.betas()
+
+    def level(self, beta: float) -> int | None:
+        """β's rate level on the variable-rate codec (``None`` for per-β codecs)."""
+        return self.betas().index(beta) if self.variable_rate else None
+
+    @staticmethod
+    def _where(run: Run) -> str:
+        return "levels" if isinstance(run, tuple) else f"β={run:g}"
+
+    def codec_path(self, run: Run) -> Path:
+        """The codec of ``run`` (a β, or :meth:`runs`' tuple); on a variable-rate codec every β's is the same."""
+        if self.variable_rate:
+            return self.out / "bottleneck" / "levels" / "codec.pt"
+        return self.out / "bottleneck" / f"beta_{run:g}" / "codec.pt"
 
     def learned_path(self, arch: str, lmbda: float) -> Path:
         return self.out / "learned" / arch / f"lambda_{lmbda:g}" / "codec.pt"
 
-    def head_path(self, beta: float | None, name: str) -> Path:
-        where = "reference" if beta is None else f"heads/beta_{beta:g}"
+    def head_path(self, beta: Run | None, name: str) -> Path:
+        where = "reference" if beta is None else "heads/levels" if self.variable_rate else f"heads/beta_{beta:g}"
         return self.out / where / name / "head.pt"
 
     def teacher_classes(self) -> int:
@@ -166,16 +193,18 @@ class Pipeline:
             inputs["sha256"] = self._digests[path]
         return _key(inputs)
 
-    def codec_key(self, beta: float) -> dict[str, Any]:
-        """β's codec's key: the bottleneck section (with this β), seed, data and the teacher's key."""
+    def codec_key(self, run: Run) -> dict[str, Any]:
+        """The key of ``run``'s codec: the bottleneck section (with its β, or all βs for a variable-rate
+        codec), seed, data and the teacher's key."""
         b = self.cfg.bottleneck
         config = {k: v for k, v in b.what_it_makes().items() if k != "betas"}
         if b.select_taps is not None:
             del config["stages"]  # chosen by clustering instead
-        return _key({"stage": "bottleneck", "beta": beta, "seed": self.seed, "config": config,
+        return _key({"stage": "bottleneck", "beta": list(run) if isinstance(run, tuple) else run, "seed": self.seed,
+                     "config": config,
                      "data": self._data_inputs(b), "teacher": self.teacher_key()["sha256"]})
 
-    def head_key(self, name: str, beta: float | None) -> dict[str, Any]:
+    def head_key(self, name: str, beta: Run | None) -> dict[str, Any]:
         """The key of head ``name`` on β's codec (``None``: its reference on pixels): its section, seed,
         data, the teacher's key (heads start from it) and, on a codec, the codec's fingerprint and the
         key of the reference it distils from."""
@@ -183,7 +212,8 @@ class Pipeline:
         config = spec.what_it_makes()
         if beta is None:
             del config["distill"]  # the reference itself is not distilled
-        inputs = {"stage": "reference" if beta is None else "head", "beta": beta, "seed": self.seed,
+        inputs = {"stage": "reference" if beta is None else "head",
+                  "beta": list(beta) if isinstance(beta, tuple) else beta, "seed": self.seed,
                   "config": config, "data": self._data_inputs(spec),
                   "teacher": self.teacher_key()["sha256"]}
         if beta is not None:
@@ -248,7 +278,8 @@ class Pipeline:
         except ValueError as e:
             return self._fail(problems + [f"teacher.arch: {_line(e)}"])
         try:
-            latent_channels = Codec(**{"out_channels": channels, **b.codec}).latent_channels
+            levels = {"levels": len(b.betas)} if getattr(PRIORS.get(b.codec.get("kind")), "variable", False) else {}
+            latent_channels = Codec(**{"out_channels": channels, **b.codec, **levels}).latent_channels
         except (TypeError, ValueError) as e:
             return self._fail(problems + [f"bottleneck.codec: {_line(e)}"])
         if "teacher" in stages:
@@ -405,21 +436,21 @@ class Pipeline:
                           num_classes=train_set.num_classes, out_dir=path.parent, key=key, **self.fit_kwargs(t))
         return build_teacher(t.arch, self.teacher_classes(), path).eval()
 
-    def train_bottlenecks(self) -> dict[float, Path]:
+    def train_bottlenecks(self) -> dict[Run, Path]:
         from mtfc.train import train_bottleneck
 
         b = self.cfg.bottleneck
         paths = {}
         teacher = None
-        for beta in self.betas():
-            path = self.codec_path(beta)
+        for beta in self.runs():
+            path, where = self.codec_path(beta), self._where(beta)
             key = self.codec_key(beta)
-            if self._usable(f"bottleneck β={beta:g}", path, key, lambda p: load_codec(p).meta.get("key")):
-                _log(f"bottleneck β={beta:g}: {path} exists, skipped")
+            if self._usable(f"bottleneck {where}", path, key, lambda p: load_codec(p).meta.get("key")):
+                _log(f"bottleneck {where}: {path} exists, skipped")
             else:
                 if teacher is None:
                     teacher = self.teacher_model()
-                _log(f"bottleneck β={beta:g}: training")
+                _log(f"bottleneck {where}: training")
                 train_bottleneck(self.dataset(b, "train", train=True), self.dataset(b, "val", train=False),
                                  copy.deepcopy(teacher), arch=self.cfg.teacher.arch, beta=beta,
                                  out_dir=path.parent, codec=b.codec, stages=b.stages, select=b.select_taps,
@@ -470,9 +501,9 @@ class Pipeline:
         for name, spec in self.cfg.heads.items():
             if references and spec.reference != "train":
                 continue
-            for beta in ([None] if references else self.betas()):
+            for beta in ([None] if references else self.runs()):
                 path = self.head_path(beta, name)
-                where = "reference" if beta is None else f"β={beta:g}"
+                where = "reference" if beta is None else self._where(beta)
                 key = self.head_key(name, beta)
                 if self._usable(f"head {name} ({where})", path, key,
                                 lambda p: (read_head_checkpoint(p).get("meta") or {}).get("key")):
@@ -560,11 +591,13 @@ class Pipeline:
                               rate_point=rate_point, metrics=metrics, directions=directions)
 
             models = {}
-            for beta in self.betas():
-                model = MultiTaskModel(load_codec(self.codec_path(beta)))
+            for run in self.runs():
+                model = MultiTaskModel(load_codec(self.codec_path(run)))
                 for name in names:
-                    model.load_head(name, self.head_path(beta, name))
-                models[beta] = (mtfc_method(model.to(device).eval()), scorer("mtfc", beta, model.heads))
+                    model.load_head(name, self.head_path(run, name))
+                model.to(device).eval()
+                for beta in (run if isinstance(run, tuple) else [run]):
+                    models[beta] = (mtfc_method(model, self.level(beta)), scorer("mtfc", beta, model.heads))
             baselines = {point: scorer(*point, refs) for point in points}
             learned = {(arch, lmbda): (load_learned_codec(path)[0], scorer(arch, lmbda, refs))
                        for (arch, lmbda), path in learned_paths.items()}
@@ -616,20 +649,20 @@ class Pipeline:
         refs = [self.head_path(None, n) for n, spec in self.cfg.heads.items() if spec.reference == "train"]
         learned = [self.learned_path(arch, lmbda) for arch, spec in self.cfg.evaluation.learned_baselines.items()
                    for lmbda in spec.lambdas]
-        return [self.out / "teacher" / "teacher.pt", *map(self.codec_path, self.betas()), *refs,
-                *(self.head_path(b, n) for b in self.betas() for n in self.cfg.heads), *learned]
+        return [self.out / "teacher" / "teacher.pt", *map(self.codec_path, self.runs()), *refs,
+                *(self.head_path(b, n) for b in self.runs() for n in self.cfg.heads), *learned]
 
     def training_logs(self) -> dict[str, tuple[dict[str, Path], list[tuple[str, str]]]]:
         """Every stage's runs (name → the engine's out_dir) and the curves to plot for it."""
         from mtfc.evaluation.curves import headline, read_log
 
         stages = {"teacher": ({"teacher": self.out / "teacher"}, [("train", "loss"), ("train", "acc"), ("val", "top1")]),
-                  "bottleneck": ({f"β={b:g}": self.codec_path(b).parent for b in self.betas()},
+                  "bottleneck": ({self._where(b): self.codec_path(b).parent for b in self.runs()},
                                  [("train", "loss"), ("train", "distill"), ("train", "bpp"), ("val", "bpp_est"),
                                   ("train", "aux_loss"), ("val", "student_top1")])}
         for name in self.cfg.heads:
             runs = {"reference": self.head_path(None, name).parent,
-                    **{f"β={b:g}": self.head_path(b, name).parent for b in self.betas()}}
+                    **{self._where(b): self.head_path(b, name).parent for b in self.runs()}}
             val_keys = next((list(r["val"]) for d in runs.values() for r in read_log(d) if r.get("val")), [])
             stages[f"head {name}"] = (runs, [("train", "loss")] + [("val", k) for k in headline(val_keys)[:3]])
         for arch, spec in self.cfg.evaluation.learned_baselines.items():
@@ -731,16 +764,16 @@ def _dataset_key(data_cfg_yaml: str) -> str:
     return hashlib.sha1(f"val\n{data_cfg_yaml}".encode()).hexdigest()[:12]
 
 
-def mtfc_method(model: MultiTaskModel):
-    """``predict_fn`` for :func:`~mtfc.evaluation.runner.evaluate_method`: encode each image once, then
-    :meth:`~mtfc.model.MultiTaskModel.decode` and :meth:`~mtfc.model.MultiTaskModel.run_heads`, as the
-    server does (the heads get the records of the streams' headers, not the ``targets``); rate = the
-    bitstreams' real size."""
+def mtfc_method(model: MultiTaskModel, level: int | None = None):
+    """``predict_fn`` for :func:`~mtfc.evaluation.runner.evaluate_method`: encode each image once (at
+    ``level`` on a variable-rate codec), then :meth:`~mtfc.model.MultiTaskModel.decode` and
+    :meth:`~mtfc.model.MultiTaskModel.run_heads`, as the server does (the heads get the records of the
+    streams' headers, not the ``targets``); rate = the bitstreams' real size."""
     from mtfc.evaluation.runner import BatchResult
 
     def predict(images: torch.Tensor, targets: list[dict[str, Any]]) -> BatchResult:
         t0 = time.perf_counter()
-        streams = model.codec.encode(images)
+        streams = model.codec.encode(images, level=level)
         t1 = time.perf_counter()
         latent, records = model.decode(streams)
         if latent.is_cuda:  # the decode's last kernels finish before the clock stops

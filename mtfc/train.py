@@ -35,6 +35,17 @@ def bits_per_pixel(likelihoods: dict[str, torch.Tensor], images: torch.Tensor) -
     return sum(-torch.log2(p).sum() for p in likelihoods.values()) / (B * H * W)
 
 
+def bits_per_pixel_each(likelihoods: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """:func:`bits_per_pixel` of each image (B,)."""
+    return sum(-torch.log2(p).flatten(1).sum(1) for p in likelihoods.values()) / images[0, 0].numel()
+
+
+def mixed_levels(batch: int, levels: int) -> torch.Tensor:
+    """The rate level of each image of a batch when a variable-rate codec trains: 0, 1, …, K − 1, 0, …
+    (every level in every batch, deterministic, so resuming stays bit-identical)."""
+    return torch.arange(batch) % levels
+
+
 class TeacherTask(nn.Module):
     def __init__(self, teacher: nn.Module, optim: OptimSpec | None = None) -> None:
         super().__init__()
@@ -60,6 +71,10 @@ class TeacherTask(nn.Module):
 class BottleneckTask(nn.Module):
     """Stage 1: ``Σ_s MSE(student_s, teacher_s) + β · bpp`` plus the entropy model's aux loss.
 
+    A variable-rate codec (``codec.levels`` = K) trains at every level at once: ``beta`` is then the list
+    of K rate weights, the images of a batch take the levels in turn (:func:`mixed_levels`) and the
+    rate term is the batch mean of ``β_level · bpp`` per image.
+
     The student is the codec's encoder → entropy model → decoder, followed by the frozen teacher's
     ``layer2..layer4`` and classifier; ``stages`` are the taps distilled (any of
     :func:`~mtfc.teacher.candidate_taps`, or ``"logits"``). With ``saliency`` > 0 each feature tap's
@@ -69,7 +84,7 @@ class BottleneckTask(nn.Module):
 
     frozen_modules = ("teacher",)
 
-    def __init__(self, codec: Codec, teacher: nn.Module, beta: float, stages: Sequence[str] = STAGES,
+    def __init__(self, codec: Codec, teacher: nn.Module, beta: float | Sequence[float], stages: Sequence[str] = STAGES,
                  optim: OptimSpec | None = None, aux_lr: float = 1e-2, entropy_lr: float | None = None,
                  saliency: float = 0.0) -> None:
         super().__init__()
@@ -80,15 +95,19 @@ class BottleneckTask(nn.Module):
         unknown = [s for s in self.stages if s not in known]
         if unknown or not self.stages:
             raise ValueError(f"unknown distillation taps {unknown or '(none given)'}; choose from {sorted(known)}")
+        if codec.levels and len(beta) != codec.levels:
+            raise ValueError(f"a codec with {codec.levels} rate levels needs {codec.levels} rate weights, got {beta}")
 
     def train(self, mode: bool = True) -> BottleneckTask:
         super().train(mode)
         self.teacher.eval()
         return self
 
-    def distill(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Distillation loss, estimated bpp and the student's logits for one batch (saliency weighting
-        only while training; validation reports the plain loss)."""
+    def distill(self, images: torch.Tensor, levels: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Distillation loss, estimated bpp (of the batch; with ``levels``, of each image) and the
+        student's logits for one batch (saliency weighting only while training; validation reports the
+        plain loss)."""
         weights: dict[str, torch.Tensor] = {}
         if self.saliency and self.training:
             with torch.enable_grad():
@@ -99,14 +118,20 @@ class BottleneckTask(nn.Module):
         else:
             with torch.no_grad():
                 target = teacher_taps(self.teacher, images)
-        out = self.codec(images)
+        out = self.codec(images, levels)
         student = {"layer1": out["features"], **run_stages(self.teacher, out["features"])}
         distill = sum(feature_mse(student[s], target[s], weights.get(s)) for s in self.stages)
-        return distill, bits_per_pixel(out["likelihoods"], images), student["logits"]
+        rate = bits_per_pixel(out["likelihoods"], images) if levels is None else bits_per_pixel_each(out["likelihoods"], images)
+        return distill, rate, student["logits"]
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
-        distill, bpp, _ = self.distill(batch[0])
-        return {"loss": distill + self.beta * bpp, "aux_loss": self.codec.aux_loss(), "distill": distill, "bpp": bpp}
+        if not self.codec.levels:
+            distill, bpp, _ = self.distill(batch[0])
+            return {"loss": distill + self.beta * bpp, "aux_loss": self.codec.aux_loss(), "distill": distill, "bpp": bpp}
+        levels = mixed_levels(len(batch[0]), self.codec.levels)
+        distill, bpp, _ = self.distill(batch[0], levels)
+        rate = (bpp.new_tensor(self.beta)[levels] * bpp).mean()
+        return {"loss": distill + rate, "aux_loss": self.codec.aux_loss(), "distill": distill, "bpp": bpp.mean()}
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Encoder and decoder with ``optim``; the entropy model's density with ``entropy_lr`` (its
@@ -124,16 +149,31 @@ class BottleneckTask(nn.Module):
 
     @torch.no_grad()
     def validate(self, loader: DataLoader) -> dict[str, float]:
-        """Estimated bpp, distillation loss and the student's top-1 (noise-free, the codec in eval mode)."""
+        """Estimated bpp, distillation loss and the student's top-1 (noise-free, the codec in eval mode);
+        for a variable-rate codec also per level (``bpp_est_L0``, ``student_top1_L0``, …), each image at
+        the level :func:`mixed_levels` gives it."""
+        K = self.codec.levels
         ev = ClassificationEvaluator(self.teacher.fc.out_features)
-        bpp = distill = n = 0.0
+        per_level = [ClassificationEvaluator(self.teacher.fc.out_features) for _ in range(K)]
+        bpp, level_bits, level_n = 0.0, [0.0] * K, [0] * K
+        distill = n = 0.0
         for images, targets in loader:
-            batch_distill, batch_bpp, logits = self.distill(images)
+            levels = mixed_levels(len(images), K) if K else None
+            batch_distill, batch_bpp, logits = self.distill(images, levels)
             distill += float(batch_distill) * len(images)
-            bpp += float(batch_bpp) * len(images)
+            bpp += float(batch_bpp.sum()) if K else float(batch_bpp) * len(images)
             n += len(images)
             ev.process(targets, list(logits))
-        return {"bpp_est": bpp / n, "distill": distill / n, **{f"student_{k}": v for k, v in ev.evaluate().items()}}
+            for level in range(K):
+                idx = (levels == level).nonzero().squeeze(1).tolist()
+                level_bits[level] += float(batch_bpp[idx].sum())
+                level_n[level] += len(idx)
+                per_level[level].process([targets[i] for i in idx], list(logits[idx]))
+        out = {"bpp_est": bpp / n, "distill": distill / n, **{f"student_{k}": v for k, v in ev.evaluate().items()}}
+        for level in range(K):
+            out[f"bpp_est_L{level}"] = level_bits[level] / max(level_n[level], 1)
+            out.update({f"student_{k}_L{level}": v for k, v in per_level[level].evaluate().items()})
+        return out
 
 
 class HeadTask(nn.Module):
@@ -163,8 +203,12 @@ class HeadTask(nn.Module):
         return self
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """What the head consumes: ŷ (as decoded on the server), or the images for a reference head."""
-        return images if self.codec is None else self.codec.quantize(images)
+        """What the head consumes: ŷ (as decoded on the server), or the images for a reference head. On a
+        variable-rate codec the images of a batch take its levels in turn (:func:`mixed_levels`): one
+        head learns every rate."""
+        if self.codec is None:
+            return images
+        return self.codec.quantize(images, mixed_levels(len(images), self.codec.levels) if self.codec.levels else None)
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         images, targets = batch
@@ -215,23 +259,25 @@ def train_teacher(train_set: Dataset, val_set: Dataset | None, *, arch: str, num
 
 
 def train_bottleneck(train_set: Dataset, val_set: Dataset | None, teacher: nn.Module, *, arch: str,
-                     beta: float, out_dir: str | Path, codec: dict[str, Any] | None = None, stages: Sequence[str] = STAGES,
+                     beta: float | Sequence[float], out_dir: str | Path, codec: dict[str, Any] | None = None, stages: Sequence[str] = STAGES,
                      select: int | None = None, saliency: float = 0.0, optim: OptimSpec | None = None,
                      aux_lr: float = 1e-2, entropy_lr: float | None = None, seed: int = 0,
                      key: dict[str, Any] | None = None, **fit_kwargs: Any) -> Path:
-    """Stage 1 for one β: train (initialised after seeding with ``seed``), freeze and export
-    ``codec.pt``; returns its path. With ``select`` = k the taps are not ``stages`` but the k chosen
-    by :func:`choose_taps`."""
+    """Stage 1 for one β (or, for a variable-rate codec kind, the list of its levels' β): train
+    (initialised after seeding with ``seed``), freeze and export ``codec.pt``; returns its path. With
+    ``select`` = k the taps are not ``stages`` but the k chosen by :func:`choose_taps`."""
     out = Path(out_dir)
     seed_everything(seed)
     if select:
         stages = choose_taps(teacher, train_set, select)
-    model = Codec(**{"out_channels": stage_channels(arch)["layer1"], **(codec or {})})
+    variable = not isinstance(beta, (int, float))
+    model = Codec(**{"out_channels": stage_channels(arch)["layer1"], **(codec or {}),
+                     **({"levels": len(beta)} if variable else {})})
     task = BottleneckTask(model, teacher, beta, stages, optim, aux_lr, entropy_lr, saliency)
     history = _fit(task, train_set, key, val_set=val_set, out_dir=out, seed=seed, **fit_kwargs)
     aux = settle_quantiles(model)
     model.freeze()
-    model.meta = {"beta": beta, "teacher_arch": arch, "stages": list(stages), "saliency": saliency,
+    model.meta = {"beta": list(beta) if variable else beta, "teacher_arch": arch, "stages": list(stages), "saliency": saliency,
                   "history": history, "aux_loss": aux, "key": key,
                   "image_size": list(train_set[0][0].shape[-2:])}  # the size the server serves by default
     path = save_codec(model, out / "codec.pt")

@@ -24,7 +24,8 @@ class StreamEncoder(Protocol):
 
     size_divisibility: int
 
-    def encode(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]] | None = None) -> list[bytes]: ...
+    def encode(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]] | None = None,
+               level: int | None = None) -> list[bytes]: ...
 
 
 class ServerError(RuntimeError):
@@ -107,13 +108,14 @@ class Client:
                                          headers={"Content-Type": STREAM_TYPE}))
 
     def predict(self, images: torch.Tensor, heads: Sequence[str] | None = None,
-                original_sizes: Sequence[tuple[int, int]] | None = None) -> list[Result]:
+                original_sizes: Sequence[tuple[int, int]] | None = None, level: int | None = None) -> list[Result]:
         """Encode ``images`` (B, 3, H, W) on the device and send each stream; one :class:`Result` per image.
-        ``original_sizes``: each image's (H, W) before it was resized, sent in its stream for the heads."""
+        ``original_sizes``: each image's (H, W) before it was resized, sent in its stream for the heads;
+        ``level``: the rate level of a variable-rate codec (0: the highest rate; default its middle one)."""
         if self.encoder is None:
             raise ValueError("this Client has no encoder: pass one, or send ready streams with send()")
         t0 = time.perf_counter()
-        streams = self.encoder.encode(images, original_sizes)
+        streams = self.encoder.encode(images, original_sizes, level)
         encode_ms = 1000 * (time.perf_counter() - t0) / len(streams)
         results = []
         for stream in streams:
@@ -142,12 +144,12 @@ def load_image(path: str | Path, divisibility: int, size: int | None = None) -> 
 
 
 def send_images(paths: Sequence[str | Path], client: Client, heads: Sequence[str] | None = None,
-                size: int | None = None) -> list[tuple[str, Result]]:
+                size: int | None = None, level: int | None = None) -> list[tuple[str, Result]]:
     """``mtfc send``: each image file through ``client`` (one request per image), printing a line per image."""
     out = []
     for path in paths:
         image, original = load_image(path, client.encoder.size_divisibility, size)
-        result = client.predict(image, heads, [original])[0]
+        result = client.predict(image, heads, [original], level)[0]
         t = result.timing_ms
         print(f"{path}: {result.bytes_sent} B sent ({8 * result.bytes_sent / (result.image_size[0] * result.image_size[1]):.3f} bpp) | "
               f"encode {t['encode']:.1f} ms, network {t['network']:.1f} ms, server decode {t['decode']:.1f} ms, "

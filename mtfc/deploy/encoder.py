@@ -62,7 +62,10 @@ class Encoder:
         return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0])
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]] | None = None) -> list[bytes]:
+    def encode(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]] | None = None,
+               level: int | Sequence[int] | None = None) -> list[bytes]:
         """One :mod:`mtfc.bitstream` stream per image, packed by :meth:`mtfc.Codec.pack_latent` as
-        :meth:`mtfc.Codec.encode` packs it; images with NaN or infinite values are refused (``ValueError``)."""
-        return self.codec.pack_latent(self.latent(images), tuple(images.shape[-2:]), original_sizes)
+        :meth:`mtfc.Codec.encode` packs it (``level``: a variable-rate codec's rate level; the network is
+        the same for every level, the level only picks the quantization); images with NaN or infinite
+        values are refused (``ValueError``)."""
+        return self.codec.pack_latent(self.latent(images), tuple(images.shape[-2:]), original_sizes, level)

@@ -125,11 +125,12 @@ def latency_model(results: str | Path, *, rate_point: Any = None, tasks: Sequenc
     try:
         codec_model = load_codec(codec or Pipeline(cfg).codec_path(float(rate_point)))
         encoder = Encoder(encoder_dir, threads=threads) if encoder_dir else codec_model
-        stream = encoder.encode(image)
+        level = Pipeline(cfg).level(float(rate_point))
+        stream = encoder.encode(image, level=level)
         models = _server_models(cfg, float(rate_point))
         methods: dict[str, dict[str, Any]] = {"mtfc": {
             "rate_point": rate_point, "bytes": mtfc_row["bytes_mean"], "matched": True, "accuracy": target,
-            "device_encode_ms": median_ms(lambda: encoder.encode(image)),
+            "device_encode_ms": median_ms(lambda: encoder.encode(image, level=level)),
             "server_decode_ms": median_ms(lambda: codec_model.decode(stream))}}
         for method, b in baselines.items():
             if method == "uncompressed":

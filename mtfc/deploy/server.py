@@ -505,7 +505,7 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
                                                                 geometry(image_size, header.original_size))
         total_ms = 1000 * (time.perf_counter() - start)
         return JSONResponse({"predictions": predictions, "image_size": list(image_size),
-                             "original_size": list(header.original_size), "bytes": len(body),
+                             "original_size": list(header.original_size), "level": header.level, "bytes": len(body),
                              "timing_ms": {"decode": decode_ms, **timing, "total": total_ms}})
 
     @app.post("/predict")
