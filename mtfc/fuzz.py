@@ -25,7 +25,7 @@ import torch
 from mtfc import bitstream
 from mtfc.codec import Codec
 
-KINDS = ("random", "truncated", "oversized", "bitflip")
+KINDS = ("random", "truncated", "oversized", "bitflip", "level")
 
 
 def small_codec(kind: str = "factorized", seed: int = 0, levels: int = 0) -> Codec:
@@ -52,7 +52,12 @@ def forge(legit: bytes, kind: str, rng: np.random.Generator) -> bytes:
     elif kind == "oversized":
         factor = int(rng.choice([2, 4, 8, 1024]))
         H, W = header.image_size
-        header = bitstream.Header(header.fingerprint, (H * factor, W * factor))
+        header = bitstream.Header(header.fingerprint, (H * factor, W * factor), level=header.level)
+    elif kind == "level":  # another rate level than the payload's (maybe one the codec lacks), or none
+        levels = [None, *range(2 * (header.level or 0) + 4)]
+        levels.remove(header.level)
+        header = bitstream.Header(header.fingerprint, header.image_size, header.original_size,
+                                  levels[int(rng.integers(len(levels)))])
     elif kind == "bitflip":
         joined = bytearray(b"".join(payloads))
         for bit in rng.choice(8 * len(joined), size=min(int(rng.integers(1, 9)), 8 * len(joined)), replace=False):
@@ -88,7 +93,8 @@ def fuzz_decoder(codec: Codec, n: int, seed: int = 0, image_size: tuple[int, int
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    legit = codec.encode(torch.rand(4, 3, *image_size, generator=torch.Generator().manual_seed(seed)))
+    levels = rng.integers(codec.levels, size=4).tolist() if codec.levels else None
+    legit = codec.encode(torch.rand(4, 3, *image_size, generator=torch.Generator().manual_seed(seed)), level=levels)
     forged = [(KINDS[i % len(KINDS)], forge(legit[int(rng.integers(len(legit)))], KINDS[i % len(KINDS)], rng))
               for i in range(n)]
     counts: dict[str, Counter] = {kind: Counter() for kind in KINDS}

@@ -175,3 +175,17 @@ def test_one_server_serves_every_level(tmp_path):
             r = client.post("/predict", content=stream, headers={"Content-Type": "application/octet-stream"})
             assert r.status_code == 200, r.text
             assert r.json()["level"] == level and r.json()["predictions"] == want
+
+
+@pytest.mark.parametrize("kind, bitflip", [("step", {"CorruptStreamError": 100}),
+                                           # two flips fell on an escaped value's uniform bits: another bounded latent
+                                           ("gain", {"CorruptStreamError": 98, "ok": 2})])
+def test_forged_streams_at_every_level_are_rejected(kind, bitflip):
+    from mtfc.fuzz import fuzz_decoder
+
+    result = fuzz_decoder(small_codec(kind, levels=5), 500, seed=0)
+    oversized = {"step": {"CorruptStreamError": 79, "ImageTooLargeError": 21},
+                 "gain": {"CorruptStreamError": 76, "ImageTooLargeError": 24}}[kind]
+    assert result["outcomes"] == {"random": {"CorruptStreamError": 100}, "truncated": {"CorruptStreamError": 100},
+                                  "oversized": oversized, "bitflip": bitflip, "level": {"CorruptStreamError": 100}}
+    assert result["non_finite"] == 0 and result["inconsistent"] == 0

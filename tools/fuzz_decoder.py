@@ -21,7 +21,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000, help="forged streams per codec")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--codec", help="a codec artifact; default: a small untrained codec of each kind")
+    parser.add_argument("--codec", help="a codec artifact; default: a small untrained codec of each kind (5 levels for the variable-rate ones)")
     parser.add_argument("--size", type=int, nargs=2, default=(32, 48), metavar=("H", "W"),
                         help="size of the images the legit streams come from")
     args = parser.parse_args()
@@ -29,7 +29,8 @@ def main() -> int:
     if args.codec:
         codecs = {args.codec: load_codec(args.codec)}
     else:
-        codecs = {kind: small_codec(kind) for kind in ("factorized", "hyperprior")}
+        codecs = {kind: small_codec(kind, levels=5 if kind in ("step", "gain") else 0)
+                  for kind in ("factorized", "hyperprior", "step", "gain")}
     failed = False
     for name, codec in codecs.items():
         result = fuzz_decoder(codec, args.n, args.seed, tuple(args.size))
