@@ -30,6 +30,7 @@ from mtfc.priors import PRIORS
 from mtfc.teacher import normalize
 
 KINDS = tuple(PRIORS)
+DEFAULT_KIND = "factorized"
 DEFAULT_ENCODER = "light"
 LEGACY_ENCODER = "es"  # what a config without the ``encoder`` key (every artifact before it existed) means
 
@@ -133,7 +134,7 @@ class Codec(CompressionModel):
 
     latent_stride = 4
 
-    def __init__(self, kind: str = "factorized", latent_channels: int = 24, hidden_channels: int = 96,
+    def __init__(self, kind: str = DEFAULT_KIND, latent_channels: int = 24, hidden_channels: int = 96,
                  out_channels: int = 64, encoder: str = DEFAULT_ENCODER, levels: int = 0) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -198,7 +199,16 @@ class Codec(CompressionModel):
     @property
     def size_divisibility(self) -> int:
         """Input height and width must be multiples of this (4, or 16 with the hyper branch)."""
-        return self.latent_stride * self.prior.latent_divisibility
+        return self.size_divisibility_of(self.config)
+
+    @classmethod
+    def size_divisibility_of(cls, config: dict[str, Any]) -> int:
+        """:attr:`size_divisibility` of the codec a ``config`` describes, without building it (what the
+        data layer pads evaluation images to, :data:`mtfc.data.transforms.RESIZE`)."""
+        kind = config.get("kind", DEFAULT_KIND)
+        if kind not in KINDS:
+            raise ValueError(f"unknown codec kind {kind!r}; choose from {KINDS}")
+        return cls.latent_stride * PRIORS[kind].latent_divisibility
 
     @property
     def frozen(self) -> bool:

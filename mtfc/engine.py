@@ -39,13 +39,13 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, default_collate
 from tqdm.auto import tqdm
 
 from mtfc.checkpoint import TRAIN_STATE, CheckpointError, load_checkpoint, save_checkpoint
@@ -169,11 +169,8 @@ def _samples_per_epoch(train_set: Dataset, world_size: int, batch_size: int) -> 
 class _OnDevice:
     """A loader whose batches arrive on ``device`` (what ``task.validate`` iterates)."""
 
-    def __init__(self, loader: DataLoader, device: torch.device) -> None:
+    def __init__(self, loader: Iterable[Any], device: torch.device) -> None:
         self.loader, self.device, self.dataset = loader, device, loader.dataset
-
-    def __len__(self) -> int:
-        return len(self.loader)
 
     def __iter__(self) -> Iterator[Any]:
         return (to_device(batch, self.device) for batch in self.loader)
@@ -529,11 +526,14 @@ def fit(task: nn.Module, train_set: Dataset, *, out_dir: str | Path, epochs: int
 
 def _validate(task: nn.Module, val_set: Dataset, batch_size: int, collate_fn: Callable | None, num_workers: int,
               device: torch.device, main: bool, world_size: int) -> dict[str, float]:
-    """Rank 0 runs ``task.validate`` on the whole set; the metrics are broadcast to every rank."""
+    """Rank 0 runs ``task.validate`` on the whole set, in batches of one image size
+    (:func:`mtfc.data.grouped_loader`); the metrics are broadcast to every rank."""
+    from mtfc.data.base import grouped_loader
+
     metrics = None
     if main:
-        loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                            num_workers=num_workers, pin_memory=device.type == "cuda")
+        loader = grouped_loader(val_set, batch_size, collate_fn=collate_fn or default_collate,
+                                num_workers=num_workers, pin_memory=device.type == "cuda")
         task.eval()
         try:
             with _rng_preserved(device), torch.no_grad():

@@ -46,6 +46,13 @@ class ImageGeometry(TypedDict):
     original_size: tuple[int, int]
 
 
+def padded_size(size: Sequence[int], divisibility: int) -> tuple[int, int]:
+    """(H, W) rounded up to multiples of ``divisibility``: the size a codec of that
+    :attr:`~mtfc.Codec.size_divisibility` codes an image of ``size`` at."""
+    h, w = (-(-int(v) // divisibility) * divisibility for v in size)
+    return h, w
+
+
 def geometry(image_size: Sequence[int], original_size: Sequence[int] | None = None) -> ImageGeometry:
     """The record of one image coded at ``image_size`` from an original of ``original_size``
     (default: ``image_size``, nothing resized)."""

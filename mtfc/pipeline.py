@@ -29,7 +29,6 @@ from typing import Any, Callable, Sequence
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
 
 from mtfc.checkpoint import LEARNED_CODEC, TEACHER, TRAIN_STATE, CheckpointError, load_checkpoint, written_by
 from mtfc.codec import Codec, load_codec
@@ -110,9 +109,12 @@ class Pipeline:
         return {**base, **own}
 
     def dataset(self, stage: StageConfig | None, split: str, train: bool):
+        """A stage's split; evaluation images are padded to the codec's divisibility
+        (:data:`~mtfc.data.transforms.RESIZE`), the one place the data layer learns it."""
         from mtfc.data import build_dataset
 
-        return build_dataset(self.data_cfg(stage), split, train=train)
+        return build_dataset(self.data_cfg(stage), split, train=train,
+                             size_divisibility=Codec.size_divisibility_of(self.cfg.bottleneck.codec))
 
     def fit_kwargs(self, stage: StageConfig) -> dict[str, Any]:
         keys = ("epochs", "batch_size", "num_workers", "max_steps", "ckpt_every", "val_every", "amp", "optim")
@@ -557,6 +559,7 @@ class Pipeline:
 
         from tqdm.auto import tqdm
 
+        from mtfc.data import grouped_loader
         from mtfc.evaluation.baselines import RoundTripCache, RoundTripDataset, available_codecs, collate_coded
         from mtfc.evaluation.learned import load_learned_codec, roundtrip
         from mtfc.evaluation.runner import BatchResult, Scorer, raw_rgb_bytes
@@ -580,8 +583,8 @@ class Pipeline:
         for key, names in groups.items():
             val_set = self.dataset(heads[names[0]], "val", train=False)
             cache = RoundTripCache(self.out / "cache" / "baselines", _dataset_key(key), points)
-            loader = DataLoader(RoundTripDataset(val_set, cache), batch_size=ev.batch_size, collate_fn=collate_coded,
-                                num_workers=(os.cpu_count() or 1) if ev.num_workers is None else ev.num_workers)
+            loader = grouped_loader(RoundTripDataset(val_set, cache), ev.batch_size, collate_fn=collate_coded,
+                                    num_workers=(os.cpu_count() or 1) if ev.num_workers is None else ev.num_workers)
             refs = {n: self.reference_head(n, teacher, val_set).to(device).eval() for n in names}
             metrics = {n: h.metric for n, h in refs.items()}
             directions = {n: h.metric_direction for n, h in refs.items()}
@@ -606,8 +609,10 @@ class Pipeline:
             _log(f"evaluate {', '.join(names)} on {device}: {len(val_set)} images through {len(models)} codecs, "
                  f"{len(points)} baseline settings ({min(cached, len(val_set))} images' baselines cached) and "
                  f"{len(learned)} learned codecs")
+            progress = tqdm(total=len(val_set), desc=f"evaluate {', '.join(names)}", unit="image")
             try:
-                for batch in tqdm(loader, desc=f"evaluate {', '.join(names)}", unit="batch"):
+                for batch in loader:  # batches of one image size
+                    progress.update(len(batch.targets))
                     images, targets = batch.images.to(device), batch.targets
                     size, records = tuple(images.shape[-2:]), geometry_of(targets)
                     for predict, score in models.values():
@@ -625,6 +630,7 @@ class Pipeline:
                                         0.0, 0.0), targets, size)
                     cache.add(batch.new)
             finally:
+                progress.close()
                 cache.save()  # an interrupted evaluation keeps the baselines it encoded
             rows += [row for _, score in models.values() for row in score.rows()]
             scores = [*baselines.values(), *(score for _, score in learned.values()), raw]

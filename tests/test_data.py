@@ -167,7 +167,7 @@ def test_multitask_dataset_gives_every_target(root):
 def test_classification_loader_matches_bundled_labels(root):
     bundled = {Path(t["file_name"]).name: t["label"] for _, t in MultiTaskDataset(root, "val")}
     folder = build_dataset({"type": "imagefolder", "root": str(root / "classification"), "image_size": 64}, "val")
-    assert folder.target_keys == {"label", "image_id", "file_name", "image_size", "orig_size"}
+    assert folder.target_keys == {"label", "image_id", "file_name", "image_size", "content_size", "orig_size"}
     assert {Path(t["file_name"]).name: t["label"] for _, t in folder} == bundled
 
 
@@ -449,3 +449,17 @@ def test_make_dataset_command_and_preview(tmp_path, capsys):
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.width > 200 and grid.height > 100
     assert render_samples(MultiTaskDataset(out, "train"), tmp_path / "b.png", num=2).is_file()
+
+
+@pytest.mark.parametrize("divisibility", [4, 16])
+def test_keep_aspect_is_the_letterbox_on_square_images(shapes_root, divisibility):
+    """The bundled dataset (square originals at a multiple of the divisibility) gives bit-identical
+    items either way: the demo and Fashion-MNIST do not change with ``resize``."""
+    cfg = {"type": "bundled", "root": str(shapes_root)}
+    letterbox = build_dataset(cfg, "val", size_divisibility=divisibility)
+    keep = build_dataset({**cfg, "resize": "keep_aspect"}, "val", size_divisibility=divisibility)
+    for i in range(len(letterbox)):
+        (a, ta), (b, tb) = letterbox[i], keep[i]
+        assert torch.equal(a, b) and ta.keys() == tb.keys()
+        assert all(torch.equal(ta[k], tb[k]) if isinstance(ta[k], torch.Tensor) else ta[k] == tb[k] for k in ta)
+        assert ta["content_size"] == ta["image_size"] == ta["orig_size"] == (32, 32)

@@ -22,6 +22,7 @@ from mtfc.data import (
     Record,
     RecordList,
     build_dataset,
+    grouped_loader,
     read_image,
 )
 from mtfc.data.coco import PARSED
@@ -134,7 +135,8 @@ def test_coco_train_skips_degenerate_annotations_with_a_count(layouts):
         "1 without a valid polygon); dropped 1 polygon(s) of fewer than 3 points from multi-polygon objects; "
         "strict: true makes them errors"]
     assert train.class_names == COCO_NAMES and train.coco.category_ids == [1, 3, 7, 90]
-    assert train.target_keys == {"boxes", "classes", "masks", "image_id", "file_name", "image_size", "orig_size"}
+    assert train.target_keys == {"boxes", "classes", "masks", "image_id", "file_name", "image_size", "content_size",
+                                 "orig_size"}
     items = [train[i][1] for i in range(len(train))]
     assert [t["image_id"] for t in items] == [1, 2, 3]
     assert [t["classes"].tolist() for t in items] == [[0, 3], [], [2, 3]]      # crowd (car, id 12) left out
@@ -163,6 +165,35 @@ def test_coco_val_is_clean_and_consistent_with_train(layouts, no_dataset_warning
     assert first["masks"].sum((1, 2)).tolist() == [256, 112]
     assert second["image_id"] == 102 and second["orig_size"] == (30, 40) and second["classes"].tolist() == []
     assert image.shape == (3, 48, 48)
+
+
+def test_coco_keep_aspect_pads_only_to_the_codecs_divisibility(layouts, no_dataset_warnings):
+    cfg = {"type": "coco", "root": str(layouts["coco"]), "image_size": 48, "resize": "keep_aspect"}
+    val = build_dataset(cfg, "val", size_divisibility=8)
+    (first_image, first), (image, second) = val[0], val[1]
+    # 48x32 (WxH) fills 48 wide, a multiple of 8 already; 40x30 -> 48x36, padded to 48x40 (the next multiple of 8)
+    assert first_image.shape == (3, 32, 48) and first["content_size"] == (32, 48) and first["image_size"] == (32, 48)
+    assert image.shape == (3, 40, 48) and second["content_size"] == (36, 48) and second["image_size"] == (40, 48)
+    assert second["orig_size"] == (30, 40) and image[:, 36:].abs().sum() == 0 and image[:, 35].abs().sum() > 0
+    assert first["boxes"].tolist() == [[8, 8, 24, 24], [30, 4, 44, 12]]   # scale 1: the file's own coordinates
+    letterbox = build_dataset({**cfg, "resize": "letterbox"}, "val", size_divisibility=8)[1]
+    assert letterbox[0].shape == (3, 48, 48) and letterbox[1]["content_size"] == (48, 48)
+    assert torch.equal(letterbox[0][:, :40], image)          # the same resize; only the padding differs
+
+
+def test_grouped_loader_batches_by_size_and_keeps_every_image_once(layouts):
+    cfg = {"type": "coco", "root": str(layouts["coco"]), "image_size": 48, "resize": "keep_aspect"}
+    val = build_dataset(cfg, "val", size_divisibility=8)
+    twice = torch.utils.data.ConcatDataset([val, val, val])   # sizes 32x48, 40x48, 32x48, 40x48, 32x48, 40x48
+    batches = [(tuple(images.shape), [t["image_id"] for t in targets]) for images, targets in grouped_loader(twice, 2)]
+    assert batches == [((2, 3, 32, 48), [101, 101]), ((2, 3, 40, 48), [102, 102]), ((1, 3, 32, 48), [101]),
+                       ((1, 3, 40, 48), [102])]
+
+
+def test_resize_is_checked_with_a_suggestion(layouts):
+    with pytest.raises(DatasetError, match=r"^data block \(coco\): unknown resize 'keep-aspect': did you mean "
+                                           r"'keep_aspect'\?$"):
+        build_dataset({"type": "coco", "root": str(layouts["coco"]), "resize": "keep-aspect"}, "val")
 
 
 def test_coco_val_with_other_categories_is_an_error(layouts, tmp_path):

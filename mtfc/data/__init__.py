@@ -4,7 +4,8 @@
 ``build_dataset(cfg, split, train)`` reads it or a real dataset (ImageNet, COCO, ADE20K, VOC,
 Cityscapes) from a config dict through the :data:`DATASETS` registry (one module per format:
 ``imagefolder``, ``coco``, ``mmseg_folders``, ``bundled``; shared mechanics in ``base``);
-``collate`` batches items as ``(images, targets)``.
+``collate`` batches items as ``(images, targets)``, ``grouped_loader`` batches an evaluation split
+whose images differ in size (``resize: keep_aspect``) by size.
 """
 from .base import (
     CorruptFileError,
@@ -12,8 +13,10 @@ from .base import (
     DatasetWarning,
     Record,
     RecordList,
+    SizeGroupedBatches,
     TaskDataset,
     collate,
+    grouped_loader,
     label_lut,
     palette,
     read_image,
@@ -25,12 +28,12 @@ from .mmseg_folders import SegmentationDataset
 from .preview import render_samples
 from .registry import DATASETS, build_dataset
 from .synthetic import LAYOUT, SHAPES, Scene, class_names, generate_scene, make_dataset
-from .transforms import IGNORE_INDEX, SampleTransform, bbox_params, build_transforms
+from .transforms import IGNORE_INDEX, RESIZE, SampleTransform, bbox_params, build_transforms
 
 __all__ = [
     "ClassificationDataset", "CocoDetectionDataset", "CocoIndex", "CorruptFileError", "DATASETS", "DatasetError",
-    "DatasetWarning", "MultiTaskDataset", "Record", "RecordList", "SegmentationDataset", "TaskDataset",
-    "build_dataset", "collate", "label_lut", "load_coco", "mmseg_dataset_config", "palette", "read_image",
+    "DatasetWarning", "MultiTaskDataset", "Record", "RecordList", "SegmentationDataset", "SizeGroupedBatches",
+    "TaskDataset", "build_dataset", "collate", "grouped_loader", "label_lut", "load_coco", "mmseg_dataset_config", "palette", "read_image",
     "register_detectron2", "render_samples", "LAYOUT", "SHAPES", "Scene", "class_names",
-    "generate_scene", "make_dataset", "IGNORE_INDEX", "SampleTransform", "bbox_params", "build_transforms",
+    "generate_scene", "make_dataset", "IGNORE_INDEX", "RESIZE", "SampleTransform", "bbox_params", "build_transforms",
 ]

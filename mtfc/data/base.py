@@ -5,9 +5,12 @@ A loader (one module per format: :mod:`.imagefolder`, :mod:`.coco`, :mod:`.mmseg
 labels are); :class:`TaskDataset` reads them the same way for every format and sends them through
 one :class:`~mtfc.data.transforms.SampleTransform`. Items are ``(image, target)``: ``image`` float32
 (3, H, W) in [0, 1] RGB at the configured size, ``target`` a dict with the keys of mtfc's target
-contract that the dataset has, plus ``orig_size`` (the (H, W) of the file; the fed image is the file
-resized by ``image_size / max(orig_size)`` and padded bottom/right, or, for a classification split
-with ``eval_resize``, torchvision's reference resize and centre crop).
+contract that the dataset has, plus ``orig_size`` (the (H, W) of the file) and ``image_size`` (the fed
+image's (H, W)). An eval image is the file with its longest side resized to fit ``image_size`` and
+padded bottom/right (:data:`~mtfc.data.transforms.RESIZE`: to the whole canvas, or only to the codec's
+``size_divisibility``; then ``content_size`` is the resized, unpadded (H, W)), or, for a classification
+split with ``eval_resize``, torchvision's reference resize and centre crop. Images of different sizes
+are batched by :func:`grouped_loader`.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
-from .transforms import IGNORE_INDEX, SampleTransform
+from .transforms import IGNORE_INDEX, RESIZE, SampleTransform
 
 ON_CORRUPT = ("error", "skip")
 """What :class:`TaskDataset` does with an image or label map that cannot be decoded."""
@@ -100,20 +103,26 @@ class TaskDataset(torch.utils.data.Dataset):
     (:func:`~mtfc.data.transforms.reference_eval`).
     ``on_corrupt``: ``"error"`` raises :class:`CorruptFileError` naming an undecodable image or label
     map; ``"skip"`` warns (:class:`DatasetWarning`, with a count) and returns the next good item instead.
+    ``resize`` (:data:`~mtfc.data.transforms.RESIZE`) and ``size_divisibility`` (the codec's): how
+    evaluation pads (see the module docstring).
     """
 
     def __init__(self, records: Sequence[Record], *, class_names: Sequence[str], image_size: int | tuple[int, int],
                  train: bool = False, augment: dict | None = None, seg_lut: np.ndarray | None = None,
                  with_masks: bool = False, ann_file: Path | None = None, image_root: Path | None = None,
-                 description: str = "dataset", on_corrupt: str = "error", eval_resize: int | None = None) -> None:
+                 description: str = "dataset", on_corrupt: str = "error", eval_resize: int | None = None,
+                 resize: str = "letterbox", size_divisibility: int = 1) -> None:
         if not records:
             raise DatasetError(f"{description}: no images (empty split)")
         if on_corrupt not in ON_CORRUPT:
             raise DatasetError(f"{description}: on_corrupt must be one of {list(ON_CORRUPT)}, got {on_corrupt!r}")
+        if resize not in RESIZE:
+            raise DatasetError(f"{description}: resize must be one of {list(RESIZE)}, got {resize!r}")
         first = records[0]
         self.records = RecordList(records)
         self.class_names = tuple(class_names)
-        self.transform = SampleTransform(image_size, train=train, eval_resize=eval_resize, **(augment or {}))
+        self.transform = SampleTransform(image_size, train=train, eval_resize=eval_resize, resize=resize,
+                                         size_divisibility=size_divisibility, **(augment or {}))
         self.seg_lut = seg_lut
         self.with_masks = with_masks
         self.ann_file = ann_file
@@ -122,7 +131,8 @@ class TaskDataset(torch.utils.data.Dataset):
         self.on_corrupt = on_corrupt
         self.corrupt: set[int] = set()
         """Indices found corrupt so far in this process (``on_corrupt="skip"``)."""
-        keys = {"image_id", "file_name", "image_size", "orig_size"}
+
+        keys = {"image_id", "file_name", "image_size", "content_size", "orig_size"}
         if first.label is not None:
             keys.add("label")
         if first.instances is not None:
@@ -286,5 +296,49 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, l
     images, targets = zip(*batch)
     sizes = {tuple(image.shape) for image in images}
     if len(sizes) > 1:
-        raise ValueError(f"images of different shapes {sorted(sizes)} cannot be batched; set image_size")
+        raise ValueError(f"images of different shapes {sorted(sizes)} cannot be batched; batch them with "
+                         "mtfc.data.grouped_loader")
     return torch.stack(images), list(targets)
+
+
+class SizeGroupedBatches:
+    """Batches of ``items`` (an iterable of dataset items) in which every image has one size, as
+    Detectron2's ``AspectRatioGroupedDataset`` (grouped by the exact size rather than the aspect, since
+    a batch is one tensor): each item goes to the bucket of its image's shape (the first element's, for
+    an ``(image, ...)`` tuple), a full bucket is collated and yielded, the partial buckets follow at the
+    end. Items of one size come out in one batch sequence in their order, so a dataset of one size
+    gives the batches a plain ``DataLoader`` gives. ``dataset``: what ``items`` come from."""
+
+    def __init__(self, items: Iterable[Any], batch_size: int, collate_fn: Callable[[list], Any],
+                 dataset: Any = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.items, self.batch_size, self.collate_fn, self.dataset = items, batch_size, collate_fn, dataset
+
+    def __iter__(self):
+        buckets: dict[Hashable, list] = {}
+        for item in self.items:
+            image = item[0] if isinstance(item, (tuple, list)) else item
+            bucket = buckets.setdefault(tuple(getattr(image, "shape", ())), [])
+            bucket.append(item)
+            if len(bucket) == self.batch_size:
+                yield self.collate_fn(bucket)
+                bucket.clear()
+        for bucket in buckets.values():
+            if bucket:
+                yield self.collate_fn(bucket)
+
+
+def grouped_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, collate_fn: Callable[[list], Any] = collate,
+                   num_workers: int = 0, pin_memory: bool = False) -> SizeGroupedBatches:
+    """The evaluation loader of ``dataset`` (in order, every item once): a ``DataLoader`` reading items
+    in ``num_workers`` workers, batched by :class:`SizeGroupedBatches` so that each batch has one image
+    size (``resize: keep_aspect`` pads each image only to the codec's divisibility)."""
+    items = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_single,
+                                        num_workers=num_workers, pin_memory=pin_memory)
+    return SizeGroupedBatches(items, batch_size, collate_fn, dataset)
+
+
+def _single(item: Any) -> Any:
+    """The ``collate_fn`` of an unbatched DataLoader: the item as the dataset returned it."""
+    return item

@@ -34,7 +34,7 @@ class MultiTaskDataset(TaskDataset):
 
     def __init__(self, root: str | Path, split: str, *, image_size: int | tuple[int, int] | None = None,
                  train: bool = False, augment: dict | None = None, strict: bool = False,
-                 on_corrupt: str = "error") -> None:
+                 on_corrupt: str = "error", resize: str = "letterbox", size_divisibility: int = 1) -> None:
         root = Path(root)
         info = read_info(root)
         names = list(info["class_names"])
@@ -59,7 +59,7 @@ class MultiTaskDataset(TaskDataset):
         super().__init__(records, class_names=names, image_size=image_size or info["config"]["image_size"],
                          train=train, augment=augment, seg_lut=label_lut(len(names)), with_masks=coco.has_masks,
                          ann_file=coco.path, image_root=image_root, description=str(coco.path),
-                         on_corrupt=on_corrupt)
+                         on_corrupt=on_corrupt, resize=resize, size_divisibility=size_divisibility)
         self.root = root
         self.coco = coco
 

@@ -205,12 +205,13 @@ class CocoDetectionDataset(TaskDataset):
 
     def __init__(self, image_root: str | Path, ann_file: str | Path, *, image_size: int | tuple[int, int],
                  train: bool = False, augment: dict | None = None, strict: bool = False,
-                 on_corrupt: str = "error") -> None:
+                 on_corrupt: str = "error", resize: str = "letterbox", size_divisibility: int = 1) -> None:
         self.coco = load_coco(ann_file, strict=strict)
         super().__init__(coco_records(self.coco, Path(image_root)),
                          class_names=[c["name"] for c in self.coco.categories], image_size=image_size,
                          train=train, augment=augment, with_masks=self.coco.has_masks, ann_file=self.coco.path,
-                         image_root=Path(image_root), description=str(ann_file), on_corrupt=on_corrupt)
+                         image_root=Path(image_root), description=str(ann_file), on_corrupt=on_corrupt,
+                         resize=resize, size_divisibility=size_divisibility)
 
 
 def check_same_categories(coco: CocoIndex, reference: CocoIndex) -> None:

@@ -62,14 +62,15 @@ class ClassificationDataset(TaskDataset):
 
     def __init__(self, root: str | Path, *, image_size: int | tuple[int, int], train: bool = False,
                  augment: dict | None = None, class_names: Sequence[str] | None = None, class_source: str = "",
-                 on_corrupt: str = "error", eval_resize: int | None = None) -> None:
+                 on_corrupt: str = "error", eval_resize: int | None = None, resize: str = "letterbox",
+                 size_divisibility: int = 1) -> None:
         root = Path(root)
         class_names = list(class_names) if class_names is not None else find_classes(root)
         records = [Record(image_path=Path(path), image_id=i, source=str(root), label=label)
                    for i, (path, label) in enumerate(scan_image_folder(root, class_names, class_source))]
         super().__init__(records, class_names=class_names, image_size=image_size, train=train,
                          augment=augment, image_root=root, description=str(root), on_corrupt=on_corrupt,
-                         eval_resize=eval_resize)
+                         eval_resize=eval_resize, resize=resize, size_divisibility=size_divisibility)
 
 
 @DATASETS.register("imagenet", keys=("dir", "eval_resize"), image_size=224)

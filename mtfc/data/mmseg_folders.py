@@ -21,7 +21,7 @@ class SegmentationDataset(TaskDataset):
 
     def __init__(self, mmseg_cfg: dict, *, class_names: Sequence[str], lut: np.ndarray,
                  image_size: int | tuple[int, int], train: bool = False, augment: dict | None = None,
-                 on_corrupt: str = "error") -> None:
+                 on_corrupt: str = "error", resize: str = "letterbox", size_divisibility: int = 1) -> None:
         from mmseg.registry import DATASETS
 
         cfg = dict(mmseg_cfg, pipeline=[], lazy_init=False, serialize_data=False)
@@ -34,7 +34,8 @@ class SegmentationDataset(TaskDataset):
                           seg_map_path=Path(info["seg_map_path"]))
                    for i, info in enumerate(listing.data_list)]
         super().__init__(records, class_names=class_names, image_size=image_size, train=train, augment=augment,
-                         seg_lut=lut, image_root=where, description=str(where), on_corrupt=on_corrupt)
+                         seg_lut=lut, image_root=where, description=str(where), on_corrupt=on_corrupt,
+                         resize=resize, size_divisibility=size_divisibility)
 
 
 #: Per type: MMSeg dataset class, folders per split (as in mmseg's configs/_base_/datasets), label mapping.

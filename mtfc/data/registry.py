@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .base import ON_CORRUPT, DatasetError, TaskDataset
+from .transforms import RESIZE
 
-COMMON_KEYS = ("type", "root", "image_size", "augment", "strict", "on_corrupt")
+COMMON_KEYS = ("type", "root", "image_size", "augment", "strict", "on_corrupt", "resize")
 """Keys every data block may have (see :func:`build_dataset`)."""
 
 Builder = Callable[..., TaskDataset]
@@ -29,8 +30,9 @@ class DatasetType:
 
 class DatasetRegistry(dict):
     """Type name → :class:`DatasetType`; ``@DATASETS.register("name", keys=(...), image_size=...)`` on a
-    builder ``build(cfg, split, *, train, image_size, augment, strict, on_corrupt)``, where ``cfg`` is
-    the data block with ``root`` made a :class:`~pathlib.Path`."""
+    builder ``build(cfg, split, *, train, image_size, augment, strict, on_corrupt, resize, size_divisibility)``
+    (the last two for :class:`~mtfc.data.TaskDataset`), where ``cfg`` is the data block with ``root``
+    made a :class:`~pathlib.Path`."""
 
     def register(self, *names: str, keys: tuple[str, ...] = (),
                  image_size: int | None = None) -> Callable[[Builder], Builder]:
@@ -57,15 +59,18 @@ def split_path(spec: str | dict, split: str) -> str:
     return spec.format(split=split)
 
 
-def build_dataset(cfg: dict, split: str, train: bool = False) -> TaskDataset:
+def build_dataset(cfg: dict, split: str, train: bool = False, size_divisibility: int = 1) -> TaskDataset:
     """Build a split's dataset from a data block (as declared in YAML).
 
     Every type takes ``type``, ``root``, ``image_size`` (int or [H, W]; default per type),
     ``augment`` (for :func:`~mtfc.data.transforms.build_transforms`), ``strict`` (default false:
     degenerate annotations are skipped with a :class:`~mtfc.data.DatasetWarning` counting them;
-    true: they are errors) and ``on_corrupt`` (``error``, the default, or ``skip``: undecodable
-    images are skipped with a warning). The type's own keys are in :data:`DATASETS` (``keys``);
-    other keys are errors. Paths other than ``root`` are relative to it; ``{split}`` is substituted.
+    true: they are errors), ``on_corrupt`` (``error``, the default, or ``skip``: undecodable
+    images are skipped with a warning) and ``resize`` (how evaluation fits images to ``image_size``,
+    :data:`~mtfc.data.transforms.RESIZE`: ``letterbox``, the default, pads to the whole canvas;
+    ``keep_aspect`` only to multiples of ``size_divisibility``, the codec's). The type's own keys are
+    in :data:`DATASETS` (``keys``); other keys are errors. Paths other than ``root`` are relative to
+    it; ``{split}`` is substituted.
     """
     if not isinstance(cfg, dict) or "type" not in cfg or "root" not in cfg:
         raise DatasetError(f"dataset config needs 'type' and 'root', got {cfg!r}")
@@ -87,6 +92,12 @@ def build_dataset(cfg: dict, split: str, train: bool = False) -> TaskDataset:
     strict = cfg.get("strict") or False
     if not isinstance(strict, bool):
         raise DatasetError(f"data block ({kind}): strict must be true or false, got {strict!r}")
+    resize = cfg.get("resize") or "letterbox"
+    if resize not in RESIZE:
+        close = difflib.get_close_matches(str(resize), RESIZE, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"choose one of {list(RESIZE)}"
+        raise DatasetError(f"data block ({kind}): unknown resize {resize!r}: {hint}")
     options: dict[str, Any] = {"train": train, "augment": cfg.get("augment"), "strict": strict,
-                               "on_corrupt": on_corrupt, "image_size": cfg.get("image_size") or spec.image_size}
+                               "on_corrupt": on_corrupt, "image_size": cfg.get("image_size") or spec.image_size,
+                               "resize": resize, "size_divisibility": size_divisibility}
     return spec.build({**cfg, "root": Path(cfg["root"])}, split, **options)

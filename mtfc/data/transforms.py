@@ -1,7 +1,10 @@
 """albumentations pipelines that keep an image, its boxes, instance masks and semantic mask consistent.
 
 One train pipeline (random resized crop, horizontal flip, colour jitter) and one deterministic eval
-pipeline (resize the longest side, pad bottom/right). Classification datasets may instead evaluate
+pipeline: resize the longest side to fit ``image_size``, then pad bottom/right (:data:`RESIZE`) either
+to the full ``image_size`` canvas (``letterbox``) or only to the codec's ``size_divisibility``
+(``keep_aspect``, as Detectron2's ``ResizeShortestEdge`` + ``ImageList.from_tensors`` padding, so images
+of one batch differ in size and are grouped by it: :func:`~mtfc.data.base.grouped_loader`). Classification datasets may instead evaluate
 with torchvision's reference protocol (:func:`reference_eval`: resize the shorter side, crop the
 centre), which pretrained ImageNet classifiers are scored with. Boxes travel through albumentations as
 ``pascal_voc`` with their instance index as label field; boxes that vanish are dropped together with
@@ -17,8 +20,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mtfc.head import padded_size
+
 IGNORE_INDEX = 255
 """Semantic-mask value of pixels that count as no class (padding, boundaries)."""
+
+RESIZE = ("letterbox", "keep_aspect")
+"""How evaluation fits an image to ``image_size``: both resize its longest side to fit (aspect kept);
+``letterbox`` pads bottom/right to the whole ``image_size`` canvas (every image one size; the padding
+is coded as part of the picture, so heads map predictions back to the original as if it were: exact
+for images of the canvas's aspect, such as the bundled dataset's), ``keep_aspect`` only to the next
+multiple of the codec's ``size_divisibility`` (predictions map back exactly, for any aspect)."""
 
 
 def size_hw(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -77,16 +89,26 @@ class SampleTransform:
     """Apply :func:`build_transforms` to one numpy sample and return tensors in mtfc's target format.
 
     A sample is a dict with ``image`` (uint8 (H, W, 3) RGB) and optionally ``boxes`` (float (N, 4)
-    XYXY pixels), ``classes`` (N,), ``masks`` (uint8 (N, H, W)) and ``sem_seg`` (uint8 (H, W)).
+    XYXY pixels), ``classes`` (N,), ``masks`` (uint8 (N, H, W)) and ``sem_seg`` (uint8 (H, W)); the
+    targets returned add ``content_size``: the (H, W) of the picture at the top-left of the fed image,
+    the resized image with ``keep_aspect``, else the whole fed image (a letterbox's padding is coded
+    as part of the picture).
     ``eval_resize`` (eval only, images without targets): :func:`reference_eval` to that shorter side
-    instead of the letterbox.
+    instead of the letterbox. ``resize`` (eval only, one of :data:`RESIZE`) and ``size_divisibility``
+    (the codec's, see :attr:`mtfc.Codec.size_divisibility`) set the eval padding.
     """
 
     def __init__(self, image_size: int | tuple[int, int], *, train: bool, eval_resize: int | None = None,
-                 **augment: Any) -> None:
+                 resize: str = "letterbox", size_divisibility: int = 1, **augment: Any) -> None:
+        if resize not in RESIZE:
+            raise ValueError(f"resize must be one of {list(RESIZE)}, got {resize!r}")
+        if size_divisibility < 1:
+            raise ValueError(f"size_divisibility must be positive, got {size_divisibility}")
         self.size = size_hw(image_size)
         self.compose = build_transforms(self.size, train=train, **augment)
         self.eval_resize = None if train else eval_resize
+        self.keep_aspect = not train and resize == "keep_aspect"
+        self.size_divisibility = size_divisibility
         self._worker_seed: int | None = None
         # Without workers, random augmentations draw their seed from torch's generator, which the
         # engine seeds and checkpoints: runs are reproducible and resume exactly.
@@ -105,7 +127,7 @@ class SampleTransform:
             if set(sample) != {"image"}:
                 extra = sorted(set(sample) - {"image"})
                 raise ValueError(f"eval_resize crops images only, but the sample also has {extra}")
-            return _to_tensor(reference_eval(sample["image"], self.eval_resize, self.size)), {}
+            return _to_tensor(reference_eval(sample["image"], self.eval_resize, self.size)), {"content_size": self.size}
         data: dict[str, Any] = {"image": sample["image"]}
         has_boxes, has_masks = "boxes" in sample, "masks" in sample
         count = len(sample["boxes"]) if has_boxes else 0
@@ -134,13 +156,16 @@ class SampleTransform:
             targets["sem_seg"] = self._pad(out["mask"], IGNORE_INDEX)
         tensors = {"boxes": torch.float32, "classes": torch.int64, "masks": torch.uint8, "sem_seg": torch.int64}
         targets = {k: torch.as_tensor(np.ascontiguousarray(v), dtype=tensors[k]) for k, v in targets.items()}
-        return _to_tensor(self._pad(out["image"], 0)), targets
+        image = self._pad(out["image"], 0)
+        # the picture's size in the fed image: letterbox codes its padding as picture (the canvas)
+        targets["content_size"] = (height, width) if self.keep_aspect else image.shape[:2]
+        return _to_tensor(image), targets
 
     def _pad(self, array: np.ndarray, fill: int, leading: int = 0) -> np.ndarray:
-        """Pad bottom/right to the configured size (box coordinates stay valid); the spatial axes
-        start after ``leading`` axes."""
-        height, width = self.size
+        """Pad bottom/right (box coordinates stay valid) to the configured size, or with ``keep_aspect``
+        to the next multiples of ``size_divisibility``; the spatial axes start after ``leading`` axes."""
         h, w = array.shape[leading:leading + 2]
+        height, width = padded_size((h, w), self.size_divisibility) if self.keep_aspect else self.size
         if (h, w) == (height, width):
             return array
         pad = [(0, 0)] * leading + [(0, height - h), (0, width - w)] + [(0, 0)] * (array.ndim - leading - 2)
