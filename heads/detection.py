@@ -156,11 +156,11 @@ class DetectionHead(Head):
 
     :meth:`loss` returns Detectron2's losses (``loss_rpn_cls``, ``loss_rpn_loc``, ``loss_cls``,
     ``loss_box_reg``; distilled, also ``loss_cls_kd``, ``loss_box_bounded``, ``loss_hint``). :meth:`predict`: one ``{"instances": Instances}`` per image — Detectron2's
-    model output, with ``pred_boxes`` (XYXY pixels of the fed image, like the targets' ``boxes``),
-    ``scores`` and ``pred_classes`` (0..K-1) — which :class:`DetectionEvaluator` scores. Each image's
-    size is its record's ``image_size`` (:class:`~mtfc.head.ImageGeometry`). Any input size works: the
-    head zero-pads the input bottom/right to multiples of 32 pixels (the FPN's ``size_divisibility``)
-    and boxes are clipped to the unpadded image.
+    model output, with ``pred_boxes`` (XYXY pixels of the *original* image, ``Instances.image_size``
+    its size), ``scores`` and ``pred_classes`` (0..K-1) — which :class:`DetectionEvaluator` scores.
+    Each image's sizes come from its record (:class:`~mtfc.head.ImageGeometry`). Any input size works:
+    the head zero-pads the input bottom/right to multiples of 32 pixels (the FPN's ``size_divisibility``),
+    boxes are clipped to the image's content and then scaled to its original size.
 
     Args:
         latent_channels: channels of ŷ; ``None`` builds the reference detector on uncompressed images
@@ -204,12 +204,17 @@ class DetectionHead(Head):
         self.detector = build_model(self.cfg)
 
     def predict(self, latent: torch.Tensor, images: Sequence[ImageGeometry] | None = None) -> list[dict[str, Instances]]:
+        """One ``{"instances": Instances}`` per image in the original image's coordinates: the detector
+        sees each image's content (its record's ``content_size``) and Detectron2's ``detector_postprocess``
+        scales the boxes to ``original_size`` (and clips them to it), as ``GeneralizedRCNN`` does."""
         latent, image_list = self._image_list(latent, images)
         det = self.detector
         features = det.backbone(latent)
         proposals, _ = det.proposal_generator(image_list, features, None)
         results, _ = det.roi_heads(image_list, features, proposals, None)
-        return [{"instances": r} for r in results]
+        originals = [original for _, original in image_sizes(images, len(latent), "the detection head",
+                                                              tuple(image_list.tensor.shape[-2:]))]
+        return [{"instances": detector_postprocess(r, *original)} for r, original in zip(results, originals)]
 
     def loss(self, latent: torch.Tensor, targets: Targets, distill: Distillation | None = None) -> dict[str, torch.Tensor]:
         gt = self._gt_instances(targets, latent.device)
@@ -267,15 +272,15 @@ class DetectionHead(Head):
 
     def _image_list(self, latent: torch.Tensor, images: Sequence[Any] | None) -> tuple[torch.Tensor, ImageList]:
         """``latent`` zero-padded bottom/right to the FPN's ``size_divisibility``, and the Detectron2
-        ``ImageList`` that holds each image's size from its record (``images``: geometry records or
-        targets, both with ``image_size``); the RPN and the ROI heads clip boxes to them."""
+        ``ImageList`` that holds each image's content size from its record (``images``: geometry records
+        or targets, both with ``content_size``); the RPN and the ROI heads clip boxes to them."""
         stride = self.detector.backbone.bottom_up.input_stride
         if latent.dim() != 4 or latent.shape[1] != self.in_channels:
             what = "images" if stride == 1 else "latent"
             raise ValueError(f"the detection head expects a (B, {self.in_channels}, h, w) {what}, "
                              f"got shape {tuple(latent.shape)}")
         H, W = latent.shape[-2] * stride, latent.shape[-1] * stride
-        sizes = image_sizes(images, len(latent), "the detection head", (H, W))
+        sizes = [content for content, _ in image_sizes(images, len(latent), "the detection head", (H, W))]
         padded = _pad_to(latent, self.detector.backbone.size_divisibility // stride)
         # The RPN and ROI heads read only image_sizes; the tensor stands for the padded batch (no pixels here).
         return padded, ImageList(latent.new_empty((len(latent), 0, *(n * stride for n in padded.shape[-2:]))), sizes)
@@ -311,11 +316,9 @@ class DetectionHead(Head):
 class DetectionEvaluator:
     """COCO box AP of mtfc batches through Detectron2's ``COCOEvaluator`` (pycocotools).
 
-    ``process(targets, predictions)`` turns each target into Detectron2's input (``image_id``) and
-    maps the predicted boxes from the fed image back to the image file the annotations describe:
-    mtfc's eval transform resizes the file (``orig_size``) to fit the fed ``image_size`` and pads
-    bottom/right; :func:`~detectron2.modeling.postprocessing.detector_postprocess` undoes the resize.
-    ``evaluate()`` scores the processed images only and returns :data:`AP_KEYS` (percent). With no
+    ``process(targets, predictions)`` turns each target into Detectron2's input (``image_id``) and hands
+    the predictions over as they are: a head predicts in the coordinates of the image file the
+    annotations describe (``Instances.image_size`` must be the target's ``orig_size``). ``evaluate()`` scores the processed images only and returns :data:`AP_KEYS` (percent). With no
     detection at all COCO AP is undefined (Detectron2 reports NaN); this evaluator returns 0.0 for
     each key and warns.
     """
@@ -361,9 +364,13 @@ class DetectionEvaluator:
             if not isinstance(p, dict) or not isinstance(p.get("instances"), Instances):
                 raise TypeError(f"expected predictions as {{'instances': Instances}}, got {type(p).__name__}")
             instances = p["instances"].to("cpu")
-            orig = t.get("orig_size", instances.image_size)
+            orig = tuple(int(v) for v in t.get("orig_size", instances.image_size))
+            if tuple(instances.image_size) != orig:
+                raise ValueError(f"image {t['image_id']}: predictions on a {instances.image_size} image, but the "
+                                 f"original is {orig}: a detection head predicts in original-image coordinates "
+                                 "(detector_postprocess to the record's original_size)")
             inputs.append({"image_id": int(t["image_id"])})
-            outputs.append({"instances": _to_annotation_frame(instances, (int(orig[0]), int(orig[1])))})
+            outputs.append({"instances": instances})
             self._image_ids.add(int(t["image_id"]))
             self._detections += len(instances)
         self.coco.process(inputs, outputs)
@@ -378,20 +385,6 @@ class DetectionEvaluator:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and summary table
             bbox = self.coco.evaluate(img_ids=sorted(self._image_ids))["bbox"]
         return {k: float(bbox[k]) for k in AP_KEYS}
-
-
-def _to_annotation_frame(instances: Instances, orig_size: tuple[int, int]) -> Instances:
-    """Predictions on the fed (resized, padded) image → on the original image of ``orig_size``."""
-    (H, W), (h0, w0) = instances.image_size, orig_size
-    scale = min(H / h0, W / w0)
-    fields = dict(instances.get_fields())
-    fields["pred_boxes"] = fields["pred_boxes"].clone()  # detector_postprocess scales boxes in place
-    return detector_postprocess(Instances(_resized_size(h0, w0, scale), **fields), h0, w0)
-
-
-def _resized_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    """The content size albumentations' ``LongestMaxSize`` (mtfc's eval resize) gives an image."""
-    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from mmengine.model import initialize
 from mmengine.structures import PixelData
 from mmseg.evaluation import IoUMetric
+from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 from torch import nn
@@ -80,8 +81,8 @@ class SegmentationHead(Head):
 
     ``num_classes`` counts background (dataset classes + 1); target ``sem_seg`` uses 0 for
     background, k+1 for class k and 255 for ignored pixels. Training returns MMSeg's loss dict
-    (``{"loss_ce": ...}``); eval returns one (H, W) int64 label map per image at its record's
-    ``image_size`` (:class:`~mtfc.head.ImageGeometry`).
+    (``{"loss_ce": ...}``); eval returns one (H0, W0) int64 label map per image at its record's
+    ``original_size`` (:class:`~mtfc.head.ImageGeometry`), compared with the file's label map.
 
     Distilled from the reference segmenter (``distill: true`` in its config), it adds normalized
     feature distillation on the four backbone stages with weight ``nfd`` (:func:`mtfc.distill.nfd_loss`).
@@ -136,12 +137,21 @@ class SegmentationHead(Head):
         return losses
 
     def predict(self, latent: torch.Tensor, images: Sequence[ImageGeometry] | None = None) -> list[torch.Tensor]:
-        """One (H, W) label map per image at its record's ``image_size``: the logits are upsampled to
-        the input canvas and each image's top-left ``image_size`` is kept (the padding is dropped)."""
+        """One label map per image at its record's ``original_size`` (H0, W0), as MMSeg's
+        ``postprocess_result``: the logits are upsampled to the input canvas, each image's
+        ``content_size`` is cropped from the top-left (the padding is dropped) and resized bilinearly to
+        the original size before the argmax."""
         canvas = self._canvas(latent)
         sizes = image_sizes(images, len(latent), "the segmentation head", canvas)
         logits = self.decode_head.predict(self.backbone(latent), [{"img_shape": canvas}] * len(latent), None)
-        return [labels[:h, :w] for labels, (h, w) in zip(logits.argmax(1), sizes)]
+        maps = []
+        for image_logits, ((h, w), original) in zip(logits, sizes):
+            image_logits = image_logits[None, :, :h, :w]
+            if (h, w) != original:
+                image_logits = resize(image_logits, size=original, mode="bilinear",
+                                      align_corners=self.decode_head.align_corners, warning=False)
+            maps.append(image_logits[0].argmax(0))
+        return maps
 
     def distill_adapters(self, teacher: nn.Module) -> nn.ModuleList | None:
         """NFD's adaptation layers: a 1×1 convolution per backbone stage (student → teacher channels)."""

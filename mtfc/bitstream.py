@@ -9,7 +9,9 @@ Layout (format version 3; integers marked *varint* are unsigned LEB128, 1 byte b
               f = 1 when the original image size follows the coded size
     2         codec fingerprint: first 2 bytes of ``Codec.fingerprint``
     varint    rate level (only when l = 1): which of the codec's levels coded the latent
-    varint    coded height H, varint coded width W (pixels the codec encoded)
+    varint    image height H, varint image width W: the picture's size (the content, unpadded); the
+              codec coded it padded bottom/right to the next multiples of its ``size_divisibility``,
+              which the decoder knows (:func:`padded_size`), so the padding costs no header bytes
     varint×2  original height H0 and width W0 (only when f = 1): the image's size before the device
               resized it, which heads map their predictions back to
     varint×(n−1)  lengths of every payload but the last (the last runs to the checksum)
@@ -17,7 +19,9 @@ Layout (format version 3; integers marked *varint* are unsigned LEB128, 1 byte b
               order (see :mod:`mtfc.entropy_coding`)
     2         CRC-16/CCITT (``binascii.crc_hqx``) of every byte before it, big-endian
 
-The latent's shape is not sent: the receiving codec derives it from (H, W). A factorized stream of a
+The latent's shape is not sent: the receiving codec derives it from (H, W) padded to its divisibility
+(a stream written before content sizes existed carried the padded size, a multiple of it, and reads
+the same). A factorized stream of a
 32×32 image carries 7 bytes besides its payload (version 2 carried 20: 0.16 bpp at 32×32). bpp counts
 every byte of it: ``8 * len(stream) / (H * W)``.
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 import binascii
 import struct
 from dataclasses import dataclass
+from typing import Sequence
 
 FORMAT_MARK = 0xB0
 VERSION = 3
@@ -74,8 +79,9 @@ class ImageTooLargeError(CorruptStreamError):
 
 @dataclass(frozen=True)
 class Header:
-    """What a stream says about its image. ``original_size`` defaults to ``image_size``; ``level``: the
-    rate level of a variable-rate codec (``None``: a fixed-rate codec's stream)."""
+    """What a stream says about its image: ``image_size`` (H, W), the picture the codec coded (padded to
+    its divisibility), and ``original_size``, its size before resizing (defaults to ``image_size``);
+    ``level``: the rate level of a variable-rate codec (``None``: a fixed-rate codec's stream)."""
 
     fingerprint: bytes
     image_size: tuple[int, int]
@@ -85,6 +91,13 @@ class Header:
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", tuple(self.image_size))
         object.__setattr__(self, "original_size", tuple(self.original_size or self.image_size))
+
+
+def padded_size(size: Sequence[int], divisibility: int) -> tuple[int, int]:
+    """(H, W) rounded up to multiples of ``divisibility``: the size a codec of that
+    :attr:`~mtfc.Codec.size_divisibility` codes an image of content ``size`` at."""
+    h, w = (-(-int(v) // divisibility) * divisibility for v in size)
+    return h, w
 
 
 def _varint(n: int) -> bytes:

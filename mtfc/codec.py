@@ -24,6 +24,7 @@ from compressai.models.utils import conv
 from torch import nn
 
 from mtfc import bitstream
+from mtfc.bitstream import padded_size
 from mtfc.checkpoint import CODEC, CheckpointError, load_checkpoint, save_checkpoint
 from mtfc.entropy_coding import LatentCoder
 from mtfc.priors import PRIORS
@@ -302,32 +303,48 @@ class Codec(CompressionModel):
     @torch.no_grad()
     def pack_latent(self, y: torch.Tensor, image_size: tuple[int, int],
                     original_sizes: Sequence[tuple[int, int]] | None = None,
-                    level: int | Sequence[int] | torch.Tensor | None = None) -> list[bytes]:
+                    level: int | Sequence[int] | torch.Tensor | None = None,
+                    content_sizes: Sequence[tuple[int, int]] | None = None) -> list[bytes]:
         """One self-describing bitstream (see :mod:`mtfc.bitstream`) per latent of the batch ``y``
-        (B, C, h, w), computed from images of ``image_size`` (H, W) that had ``original_sizes`` before
-        the device resized them (default: ``image_size``), at rate ``level`` (variable-rate codecs: for
-        the batch or per image; default the middle level): what :meth:`encode` returns, and what the
-        ONNX device encoder (:class:`mtfc.deploy.Encoder`) sends."""
-        if original_sizes is not None and len(original_sizes) != len(y):
-            raise ValueError(f"{len(original_sizes)} original sizes for {len(y)} images")
+        (B, C, h, w), computed from images of ``image_size`` (H, W), at rate ``level`` (variable-rate
+        codecs: for the batch or per image; default the middle level): what :meth:`encode` returns, and
+        what the ONNX device encoder (:class:`mtfc.deploy.Encoder`) sends. Each stream carries its
+        image's content size (``content_sizes``, default ``image_size``: the picture at the top-left,
+        which ``image_size`` pads only to :attr:`size_divisibility`) and ``original_sizes`` (the size
+        before the device resized it; default: the content size)."""
+        for name, sizes in (("original", original_sizes), ("content", content_sizes)):
+            if sizes is not None and len(sizes) != len(y):
+                raise ValueError(f"{len(sizes)} {name} sizes for {len(y)} images")
+        contents = ([tuple(int(v) for v in c) for c in content_sizes] if content_sizes is not None
+                    else [tuple(image_size)] * len(y))
+        d = self.size_divisibility
+        for content in contents:
+            if padded_size(content, d) != tuple(image_size):
+                raise ValueError(f"content size {content[0]}x{content[1]} is coded at "
+                                 f"{'x'.join(map(str, padded_size(content, d)))} (padded to multiples of {d}), "
+                                 f"not at the input's {image_size[0]}x{image_size[1]}")
         levels = self._levels(level, len(y))
         fp = bytes.fromhex(self.fingerprint)[: bitstream.FINGERPRINT_BYTES]
         streams = []
         for i in range(len(y)):
             lv = None if levels is None else int(levels[i])
-            header = bitstream.Header(fp, tuple(image_size), original_sizes and tuple(original_sizes[i]), lv)
+            header = bitstream.Header(fp, contents[i], original_sizes and tuple(original_sizes[i]), lv)
             streams.append(bitstream.pack(header, self.compress_latent(y[i : i + 1], lv)))
         return streams
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]] | None = None,
-               level: int | Sequence[int] | torch.Tensor | None = None) -> list[bytes]:
+               level: int | Sequence[int] | torch.Tensor | None = None,
+               content_sizes: Sequence[tuple[int, int]] | None = None) -> list[bytes]:
         """One self-describing bitstream per image (see :mod:`mtfc.bitstream`); ``original_sizes``: each
-        image's (H, W) before it was resized to the batch's size, sent for the heads (default: unresized);
-        ``level``: a variable-rate codec's rate level (0 … ``levels`` − 1, 0 the highest rate), for the
-        batch or per image (default: the middle level)."""
+        image's (H, W) before it was resized, sent for the heads (default: unresized); ``level``: a
+        variable-rate codec's rate level (0 … ``levels`` − 1, 0 the highest rate), for the batch or per
+        image (default: the middle level); ``content_sizes``: each image's (H, W) before it was padded
+        bottom/right to the input's size, which must be the content size rounded up to
+        :attr:`size_divisibility` (default: the input's size, nothing padded)."""
         self._check_images(images)
-        return self.pack_latent(self.g_a(normalize(images)), tuple(images.shape[-2:]), original_sizes, level)
+        return self.pack_latent(self.g_a(normalize(images)), tuple(images.shape[-2:]), original_sizes, level,
+                                content_sizes)
 
     @torch.no_grad()
     def decode(self, streams: list[bytes]) -> torch.Tensor:
@@ -336,7 +353,7 @@ class Codec(CompressionModel):
 
     @torch.no_grad()
     def decode_with_headers(self, streams: list[bytes]) -> tuple[torch.Tensor, list[bitstream.Header]]:
-        """:meth:`decode`, and each stream's :class:`~mtfc.bitstream.Header` (coded and original image size).
+        """:meth:`decode`, and each stream's :class:`~mtfc.bitstream.Header` (content and original image size).
 
         Any byte string either raises a :class:`~mtfc.bitstream.BitstreamError` or decodes to a latent
         within the prior's bounds (:mod:`mtfc.entropy_coding`); decoding keeps no state between streams."""
@@ -346,23 +363,33 @@ class Codec(CompressionModel):
             raise ValueError("decode() needs at least one stream")
         fp = bytes.fromhex(self.fingerprint)
         parsed = [bitstream.unpack(s, fp) for s in streams]
+        return self.decode_unpacked(parsed), [header for header, _ in parsed]
+
+    def coded_size(self, header: bitstream.Header) -> tuple[int, int]:
+        """The (H, W) this codec coded a stream's image at: its content size padded to :attr:`size_divisibility`."""
+        return padded_size(header.image_size, self.size_divisibility)
+
+    @torch.no_grad()
+    def decode_unpacked(self, parsed: Sequence[tuple[bitstream.Header, list[bytes]]]) -> torch.Tensor:
+        """ŷ (B, C, h, w) of streams :func:`mtfc.bitstream.unpack` already checked against this codec's
+        fingerprint (the server parses each stream once, before queueing it); all must be coded at one size."""
         latents = []
         for header, payloads in parsed:
-            H, W = header.image_size
-            s, d = self.latent_stride, self.size_divisibility
+            H, W = self.coded_size(header)
             n_payloads = self.prior.num_payloads
-            if H % d or W % d or len(payloads) != n_payloads:
-                raise bitstream.CorruptStreamError(
-                    f"header does not match this codec: image {H}x{W} (this codec needs multiples of {d}), "
-                    f"{len(payloads)} payloads (this codec sends {n_payloads})")
+            if len(payloads) != n_payloads:
+                raise bitstream.CorruptStreamError(f"header does not match this codec: {len(payloads)} payloads "
+                                                   f"(this codec sends {n_payloads})")
             if (header.level is None) != (not self.levels) or (header.level or 0) >= max(self.levels, 1):
                 raise bitstream.CorruptStreamError(
                     f"header does not match this codec: rate level {header.level} (this codec "
                     + (f"codes levels 0..{self.levels - 1})" if self.levels else "has one rate and sends no level)"))
-            if header.image_size != parsed[0][0].image_size:
-                raise ValueError("streams of different image sizes cannot be decoded as one batch; decode them separately")
-            latents.append(self.coder.decompress(payloads, (H // s, W // s), header.level))
-        return torch.cat(latents), [header for header, _ in parsed]
+            if (H, W) != self.coded_size(parsed[0][0]):
+                raise ValueError("streams coded at different image sizes cannot be decoded as one batch; decode them "
+                                 "separately")
+            latents.append(self.coder.decompress(payloads, (H // self.latent_stride, W // self.latent_stride),
+                                                 header.level))
+        return torch.cat(latents)
 
 
 def save_codec(codec: Codec, path: str | Path) -> Path:

@@ -7,13 +7,12 @@ tensor the edge server gets from :meth:`mtfc.Codec.decode` — or, for a referen
   a :class:`HeadContext` (latent channels, the dataset's classes and image size, the teacher's arch);
 * ``loss(latent, targets, distill=None)``: training, a dict of scalar losses named ``loss_*``; ``distill``
   is the explicit distillation signal (:class:`Distillation`), given when the config asks for it;
-* ``predict(latent, images)``: one prediction per image. ``images`` holds one :class:`ImageGeometry`
-  record per image, ``{"image_size": (H, W), "original_size": (H0, W0)}``: ``image_size`` is the coded
-  image's size (the content at the top-left of the input; the input may be padded beyond it to the
-  codec's divisibility), ``original_size`` the image's size before it was resized. Every caller hands
-  the same records — :meth:`mtfc.MultiTaskModel.run_heads` (evaluation, the server, ``model(streams)``)
-  builds them from the streams' headers, a head's validation from the batch's targets — and a head
-  reads each image's size from its own record, never from the batch or another image's record;
+* ``predict(latent, images)``: one prediction per image, in the coordinates of the original image.
+  ``images`` holds one :class:`ImageGeometry` record per image (original, content and coded size).
+  Every caller hands the same records — :meth:`mtfc.MultiTaskModel.run_heads` (evaluation, the
+  server, ``model(streams)``) builds them from the streams' headers, a head's validation from the
+  batch's targets — and a head reads each image's sizes from its own record, never from the batch or
+  another image's record;
 * ``task``, ``metric``, ``required_targets`` (checked against the dataset before training) and
   ``build_evaluator(dataset)``: an object with ``reset()``, ``process(targets, predictions)`` and
   ``evaluate() -> dict[str, float]``, as Detectron2's ``DatasetEvaluator``.
@@ -38,49 +37,61 @@ Targets = list[dict[str, Any]]
 
 class ImageGeometry(TypedDict):
     """One image's geometry, handed to every head's :meth:`Head.predict` (the model of torchvision's
-    ``original_image_sizes`` and Detectron2's per-input height/width): ``image_size`` (H, W), the coded
-    image's size, and ``original_size`` (H0, W0), its size before resizing (from the stream's header;
-    equal to ``image_size`` when the device did not resize)."""
+    ``original_image_sizes`` + ``image_sizes`` and Detectron2's per-input height/width + ``ImageList``),
+    from its original file to the tensor a head gets:
+
+    * ``original_size`` (H0, W0): the image before the device resized it; heads predict in its coordinates;
+    * ``content_size`` (h, w): the resized image, unpadded, at the top-left of the input;
+    * ``image_size`` (H, W): the input's size, ``content_size`` padded bottom/right (to the codec's
+      divisibility, or to a letterbox canvas, which is then coded as picture: ``content_size`` = ``image_size``).
+
+    A stream carries the content and the original size (:mod:`mtfc.bitstream`); the coded size follows
+    from the codec's divisibility. Build records with :func:`geometry` (or :func:`geometry_of` for a
+    dataset batch), read them with :func:`image_sizes`."""
 
     image_size: tuple[int, int]
+    content_size: tuple[int, int]
     original_size: tuple[int, int]
 
 
-def padded_size(size: Sequence[int], divisibility: int) -> tuple[int, int]:
-    """(H, W) rounded up to multiples of ``divisibility``: the size a codec of that
-    :attr:`~mtfc.Codec.size_divisibility` codes an image of ``size`` at."""
-    h, w = (-(-int(v) // divisibility) * divisibility for v in size)
-    return h, w
-
-
-def geometry(image_size: Sequence[int], original_size: Sequence[int] | None = None) -> ImageGeometry:
-    """The record of one image coded at ``image_size`` from an original of ``original_size``
-    (default: ``image_size``, nothing resized)."""
-    h, w = (int(v) for v in image_size)
+def geometry(image_size: Sequence[int], original_size: Sequence[int] | None = None,
+             content_size: Sequence[int] | None = None) -> ImageGeometry:
+    """The record of one image fed (coded) at ``image_size``, whose content is ``content_size`` (default:
+    ``image_size``, no padding), resized from an original of ``original_size`` (default: ``content_size``,
+    nothing resized)."""
+    H, W = (int(v) for v in image_size)
+    h, w = (int(v) for v in content_size) if content_size is not None else (H, W)
     h0, w0 = (int(v) for v in original_size) if original_size is not None else (h, w)
-    return {"image_size": (h, w), "original_size": (h0, w0)}
+    if not (0 < h <= H and 0 < w <= W) or h0 < 1 or w0 < 1:
+        raise ValueError(f"bad geometry: content {h}x{w} must be positive and fit the {H}x{W} input, original "
+                         f"{h0}x{w0} positive")
+    return {"image_size": (H, W), "content_size": (h, w), "original_size": (h0, w0)}
 
 
 def geometry_of(targets: Targets) -> list[ImageGeometry]:
-    """The records of a dataset batch: each target's ``image_size`` (the fed image) and ``orig_size``
-    (the file's size, see :mod:`mtfc.data.base`)."""
-    return [geometry(t["image_size"], t.get("orig_size")) for t in targets]
+    """The records of a dataset batch: each target's ``image_size`` (the fed image), ``content_size``
+    (its unpadded part) and ``orig_size`` (the file's size, see :mod:`mtfc.data.base`)."""
+    return [geometry(t["image_size"], t.get("orig_size"), t.get("content_size")) for t in targets]
 
 
 def image_sizes(images: Sequence[ImageGeometry] | None, batch: int, head: str,
-                canvas: tuple[int, int]) -> list[tuple[int, int]]:
-    """Each image's (H, W) from its record, for a head's :meth:`~Head.predict`; a clear error names
-    ``head`` when the records are missing or do not match the batch, or the image when its size does not
-    fit the ``canvas`` (H, W) of the head's input."""
+                canvas: tuple[int, int]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Each image's ``(content_size, original_size)`` from its record, for a head's
+    :meth:`~Head.predict`; a clear error names ``head`` when the records are missing or do not match
+    the batch, or the image when its content does not fit the ``canvas`` (H, W) of the head's input.
+    A record without ``content_size`` (written before it existed) has its ``image_size`` as content."""
     if images is None or len(images) != batch:
         got = "none" if images is None else len(images)
-        raise ValueError(f"{head} needs one geometry record per image ({{'image_size': (H, W), 'original_size': "
-                         f"(H0, W0)}}, see mtfc.head.geometry), got {got} for a batch of {batch}")
-    sizes = [tuple(int(v) for v in r["image_size"]) for r in images]
-    for r, (h, w) in zip(images, sizes):
+        raise ValueError(f"{head} needs one geometry record per image (see mtfc.head.geometry), got {got} for a "
+                         f"batch of {batch}")
+    sizes = []
+    for r in images:
+        h, w = (int(v) for v in r.get("content_size", r["image_size"]))
         if not (0 < h <= canvas[0] and 0 < w <= canvas[1]):
-            raise ValueError(f"image {r.get('image_id', '?')}: image_size {(h, w)} does not fit the "
+            raise ValueError(f"image {r.get('image_id', '?')}: content size {(h, w)} does not fit the "
                              f"{canvas[0]}x{canvas[1]} input")
+        h0, w0 = (int(v) for v in r.get("original_size", (h, w)))
+        sizes.append(((h, w), (h0, w0)))
     return sizes
 
 

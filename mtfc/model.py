@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from mtfc.bitstream import Header
 from mtfc.checkpoint import HEAD, CheckpointError, load_checkpoint, save_checkpoint
 from mtfc.codec import Codec
 from mtfc.head import HEADS, Head, ImageGeometry, geometry
@@ -56,7 +57,12 @@ class MultiTaskModel(nn.Module):
         if isinstance(inputs, torch.Tensor):
             return self.codec.quantize(inputs), [geometry(inputs.shape[-2:])] * len(inputs)
         latent, headers = self.codec.decode_with_headers(list(inputs))
-        return latent, [geometry(h.image_size, h.original_size) for h in headers]
+        return latent, [self.geometry(h) for h in headers]
+
+    def geometry(self, header: Header) -> ImageGeometry:
+        """The :class:`~mtfc.head.ImageGeometry` record of a stream's header: its content and original
+        size, coded at the content size padded to the codec's divisibility."""
+        return geometry(self.codec.coded_size(header), header.original_size, header.image_size)
 
     @torch.no_grad()
     def run_heads(self, latent: torch.Tensor, images: Sequence[ImageGeometry],

@@ -772,14 +772,17 @@ def _dataset_key(data_cfg_yaml: str) -> str:
 
 def mtfc_method(model: MultiTaskModel, level: int | None = None):
     """``predict_fn`` for :func:`~mtfc.evaluation.runner.evaluate_method`: encode each image once (at
-    ``level`` on a variable-rate codec), then :meth:`~mtfc.model.MultiTaskModel.decode` and
+    ``level`` on a variable-rate codec), its streams carrying each image's content and original size as
+    a device sends them, then :meth:`~mtfc.model.MultiTaskModel.decode` and
     :meth:`~mtfc.model.MultiTaskModel.run_heads`, as the server does (the heads get the records of the
     streams' headers, not the ``targets``); rate = the bitstreams' real size."""
     from mtfc.evaluation.runner import BatchResult
 
     def predict(images: torch.Tensor, targets: list[dict[str, Any]]) -> BatchResult:
+        records = geometry_of(targets)
         t0 = time.perf_counter()
-        streams = model.codec.encode(images, level=level)
+        streams = model.codec.encode(images, [r["original_size"] for r in records], level,
+                                     [r["content_size"] for r in records])
         t1 = time.perf_counter()
         latent, records = model.decode(streams)
         if latent.is_cuda:  # the decode's last kernels finish before the clock stops

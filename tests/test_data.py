@@ -175,7 +175,11 @@ def test_resize_and_pad_keep_targets_aligned(root):
     dataset = MultiTaskDataset(root, "val", image_size=(48, 96))
     image, target = dataset[0]
     assert image.shape == (3, 48, 96) and target["image_size"] == (48, 96) and target["orig_size"] == (64, 64)
-    assert (image[:, :, 48:] == 0).all() and (target["sem_seg"][:, 48:] == 255).all()
+    assert (image[:, :, 48:] == 0).all() and target["content_size"] == (48, 96)   # a letterbox's padding is picture
+    label_map = np.array(Image.open(Path(root) / mmseg_dataset_config(root, "val")["data_prefix"]["seg_map_path"]
+                                    / Path(target["file_name"]).relative_to(Path(root) / "classification" / "val")
+                                    .with_suffix(".png")))
+    assert torch.equal(target["sem_seg"], torch.as_tensor(label_map, dtype=torch.long))   # eval: the file's map
     assert not target["masks"][:, :, 48:].any()
     for box, mask in zip(target["boxes"], target["masks"]):
         assert box.tolist() == _tight_box(mask.numpy())

@@ -101,12 +101,32 @@ def test_in_process_server_predicts_what_the_model_predicts(model, streams):
         assert r.json()["original_size"] == [64, 64]
         only = client.post("/predict?heads=cla", content=streams[0], headers={"Content-Type": "application/octet-stream"})
         assert set(only.json()["predictions"]) == {"cla"}
-        resized = model.codec.encode(synthetic_images(1, 32), original_sizes=[(480, 640)])[0]
+        # a 512x480 (WxH) photograph resized to 32x30, coded at 32x32: the answer is in the photograph's pixels
+        resized = model.codec.encode(synthetic_images(1, 32), original_sizes=[(480, 512)], content_sizes=[(30, 32)])[0]
         r = client.post("/predict", content=resized, headers={"Content-Type": "application/octet-stream"})
-        assert (r.json()["image_size"], r.json()["original_size"]) == ([32, 32], [480, 640])
+        assert {k: r.json()[k] for k in ("image_size", "content_size", "original_size")} == {
+            "image_size": [32, 32], "content_size": [30, 32], "original_size": [480, 512]}
+        assert r.json()["predictions"] == expected_predictions(model, [resized])[0]
+        assert decode_mask(r.json()["predictions"]["seg"]).shape == (480, 512)
+        assert r.json()["predictions"]["det"]["image_size"] == [480, 512]
         metrics = client.get("/metrics").text
         assert _sample(metrics, "mtfc_requests_total", path="/predict") == {"200": len(streams) + 2}
         assert _sample(metrics, "mtfc_request_bytes_total") == {"": sum(map(len, streams)) + len(streams[0]) + len(resized)}
+
+
+def test_the_server_parses_each_stream_once(model, streams, monkeypatch):
+    """The event loop's container check is the stream's only parse: its header and payloads go to the
+    decoder worker, which entropy-decodes them (the worker's process has no other way to parse: it is
+    handed (header, payloads), see mtfc.deploy.decoding)."""
+    expected = expected_predictions(model, streams[:2])
+    parsed = []
+    unpack = bitstream.unpack
+    monkeypatch.setattr(bitstream, "unpack", lambda *args, **kwargs: parsed.append(args[0]) or unpack(*args, **kwargs))
+    with TestClient(create_app(model, ServerConfig(max_wait_ms=1, image_sizes=SIZES))) as client:
+        for stream, want in zip(streams[:2], expected):
+            r = client.post("/predict", content=stream, headers={"Content-Type": "application/octet-stream"})
+            assert r.json()["predictions"] == want
+    assert parsed == streams[:2]
 
 
 def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(model, streams):

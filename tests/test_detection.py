@@ -6,6 +6,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.meta_arch import GeneralizedRCNN
 from detectron2.modeling.proposal_generator import RPN
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead, StandardROIHeads
+from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
 from heads.detection import (AP_KEYS, DetectionEvaluator, DetectionHead, LatentBackbone,
@@ -151,19 +152,45 @@ def test_training_reduces_the_loss(frozen_codec, train_set):
     assert total_loss() < 0.5 * before
 
 
+def test_predictions_come_back_in_original_coordinates():
+    """The ROI heads answer on the content (36x48 of a 40x48 input); the head hands back boxes on the
+    72x96 original: scaled x2 and clipped to it, ``Instances.image_size`` the original's."""
+    det = head().eval()
+    seen = []
+
+    def roi_heads(images, features, proposals, targets=None):
+        seen.append(list(images.image_sizes))
+        boxes = Boxes(torch.tensor([[12.0, 6.0, 36.0, 30.0], [0.0, 0.0, 48.0, 40.0]]))
+        return [Instances(images.image_sizes[0], pred_boxes=boxes, scores=torch.tensor([0.9, 0.8]),
+                          pred_classes=torch.tensor([2, 0]))], {}
+
+    det.detector.roi_heads.forward = roi_heads
+    with torch.no_grad():
+        (out,) = det.predict(torch.zeros(1, 8, 10, 12), [geometry((40, 48), original_size=(72, 96), content_size=(36, 48))])
+    inst = out["instances"]
+    assert seen == [[(36, 48)]] and inst.image_size == (72, 96)
+    assert inst.pred_boxes.tensor.tolist() == [[24, 12, 72, 60], [0, 0, 96, 72]]
+    assert inst.scores.tolist() == pytest.approx([0.9, 0.8]) and inst.pred_classes.tolist() == [2, 0]
+
+
 @pytest.mark.parametrize("size", [SIZE, SIZE // 2])
 def test_evaluator_scores_ground_truth_perfectly(root, size):
-    # At half size the evaluator must map boxes back to the annotation file's frame (boxes re-tightened
-    # around the down-sampled masks then lose up to a pixel: exact at IoU 0.75, not at 0.95).
+    # At half size predictions are mapped back to the annotation file's frame as the head does
+    # (detector_postprocess; boxes re-tightened around the down-sampled masks then lose up to a pixel:
+    # exact at IoU 0.75, not at 0.95).
     val = MultiTaskDataset(root, "val", image_size=size)
     ev = head().build_evaluator(val)
     assert isinstance(ev, DetectionEvaluator)
     ev.reset()
     for i in range(len(val)):
         _, t = val[i]
-        inst = Instances(t["image_size"], pred_boxes=Boxes(t["boxes"]), scores=torch.ones(len(t["boxes"])),
+        inst = Instances(t["content_size"], pred_boxes=Boxes(t["boxes"]), scores=torch.ones(len(t["boxes"])),
                          pred_classes=t["classes"])
-        ev.process([t], [{"instances": inst}])
+        ev.process([t], [{"instances": detector_postprocess(inst, *t["orig_size"])}])
+        if size < SIZE and i == 0:
+            with pytest.raises(ValueError, match=r"predictions on a \(32, 32\) image, but the original is \(64, 64\): "
+                                                 r"a detection head predicts in original-image coordinates"):
+                ev.process([t], [{"instances": inst}])
     result = ev.evaluate()
     assert set(result) == set(AP_KEYS)
     assert result["AP50"] == result["AP75"] == pytest.approx(100.0)

@@ -181,7 +181,7 @@ def test_model_evaluation_and_server_give_identical_predictions(shapes_root, fro
     images, targets = mtfc.data.collate([val[i] for i in range(3)])
     streams = frozen_codec.encode(images)
     latent, records = model.decode(streams)
-    assert records == [{"image_size": (32, 32), "original_size": (32, 32)}] * 3
+    assert records == [{"image_size": (32, 32), "content_size": (32, 32), "original_size": (32, 32)}] * 3
     direct = {name: [prediction_to_json(model.heads[name].task, p) for p in preds]
               for name, preds in model(streams).items()}
     evaluated = mtfc_method(model)(images, targets)
@@ -204,27 +204,39 @@ def test_run_heads_needs_one_record_per_image(frozen_codec):
     with pytest.raises(ValueError, match="the segmentation head needs one geometry record per image .* got none "
                                          "for a batch of 2"):
         model.heads["segmentation"].predict(latent)
-    with pytest.raises(ValueError, match=r"image_size \(40, 32\) does not fit the 32x32 input"):
+    with pytest.raises(ValueError, match=r"content size \(40, 32\) does not fit the 32x32 input"):
         model.heads["detection"].predict(latent, [mtfc.head.geometry((40, 32))] * 2)
-    with pytest.raises(ValueError, match=r"^image \?: image_size \(40, 32\) does not fit the 32x32 input$"):
+    with pytest.raises(ValueError, match=r"^image \?: content size \(40, 32\) does not fit the 32x32 input$"):
         model.heads["segmentation"].predict(latent, [mtfc.head.geometry((40, 32))] * 2)
+    with pytest.raises(ValueError, match=r"^bad geometry: content 40x32 must be positive and fit the 32x32 input, "
+                                         r"original 40x32 positive$"):
+        mtfc.head.geometry((32, 32), content_size=(40, 32))
 
 
-def test_every_head_reads_each_image_size_from_its_record(frozen_codec):
-    """Two non-square records on one 64x64 canvas: segmentation answers at each record's size, detection
-    holds each record's size and clips its boxes to it."""
+def test_every_head_predicts_in_original_coordinates_from_its_record(frozen_codec):
+    """Two non-square contents on one 64x64 canvas, the second resized from a 48x128 original: each head
+    sees its record's content only and answers in its original's coordinates (Detectron2's
+    ``detector_postprocess``, MMSeg's crop-and-resize of the logits)."""
+    from mmseg.models.utils import resize
+
     model = _three_heads(frozen_codec)
     torch.manual_seed(1)
     latent = frozen_codec.quantize(torch.rand(2, 3, 64, 64))
-    records = [mtfc.head.geometry((64, 40)), mtfc.head.geometry((24, 64), original_size=(48, 128))]
-    preds = model.run_heads(latent, records)
-    assert [tuple(m.shape) for m in preds["segmentation"]] == [(64, 40), (24, 64)]
-    full = model.heads["segmentation"].predict(latent, [mtfc.head.geometry((64, 64))] * 2)
-    assert torch.equal(preds["segmentation"][0], full[0][:64, :40])
-    assert torch.equal(preds["segmentation"][1], full[1][:24, :64])
-    for out, (h, w) in zip(preds["detection"], [(64, 40), (24, 64)]):
-        inst = out["instances"]
-        assert inst.image_size == (h, w) and len(inst) > 0
-        boxes = inst.pred_boxes.tensor
-        assert float(boxes[:, 0::2].max()) <= w and float(boxes[:, 1::2].max()) <= h
+    records = [mtfc.head.geometry((64, 64), content_size=(64, 40)),
+               mtfc.head.geometry((64, 64), original_size=(48, 128), content_size=(24, 64))]
+    unresized = [records[0], mtfc.head.geometry((64, 64), content_size=(24, 64))]
+    preds, same = model.run_heads(latent, records), model.run_heads(latent, unresized)
+    seg = model.heads["segmentation"]
+    assert [tuple(m.shape) for m in preds["segmentation"]] == [(64, 40), (48, 128)]
+    logits = seg.decode_head.predict(seg.backbone(latent), [{"img_shape": (64, 64)}] * 2, None)
+    assert torch.equal(preds["segmentation"][0], logits[0].argmax(0)[:64, :40])
+    assert torch.equal(preds["segmentation"][1], resize(logits[1:, :, :24, :64], size=(48, 128), mode="bilinear",
+                                                        align_corners=False)[0].argmax(0))
+    assert torch.equal(same["segmentation"][1], logits[1].argmax(0)[:24, :64])
+    kept, scaled = same["detection"][1]["instances"], preds["detection"][1]["instances"]
+    assert kept.image_size == (24, 64) and scaled.image_size == (48, 128) and len(kept) == len(scaled) > 0
+    assert torch.equal(scaled.pred_boxes.tensor, kept.pred_boxes.tensor * 2)   # 24x64 -> 48x128: exactly x2
+    assert torch.equal(scaled.scores, kept.scores) and torch.equal(scaled.pred_classes, kept.pred_classes)
+    first = preds["detection"][0]["instances"]
+    assert first.image_size == (64, 40) and float(first.pred_boxes.tensor[:, 0::2].max()) <= 40
     assert len(preds["classification"]) == 2

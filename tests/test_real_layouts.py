@@ -25,6 +25,7 @@ from mtfc.data import (
     grouped_loader,
     read_image,
 )
+from mtfc.codec import Codec
 from mtfc.data.coco import PARSED
 from mtfc.data.imagefolder import scan_image_folder
 from mtfc.data.testing import write_real_layouts
@@ -234,8 +235,8 @@ def test_ade20k_other_is_ignore(layouts, no_dataset_warnings):
     for split, n in (("train", 2), ("val", 1)):
         ade = build_dataset({"type": "ade20k", "root": str(layouts["ade20k"]), "image_size": 24}, split)
         assert len(ade) == n and len(ade.class_names) == 150 and ade.class_names[0] == "wall"
-        sem = ade[0][1]["sem_seg"]
-        assert [int(sem[0, 0]), int(sem[3, 3]), int(sem[10, 15]), int(sem[20, 0])] == [255, 1, 150, 255]
+        sem = ade[0][1]["sem_seg"]   # evaluation keeps the file's 24x16 (WxH) label map
+        assert sem.shape == (16, 24) and [int(sem[0, 0]), int(sem[3, 3]), int(sem[10, 15])] == [255, 1, 150]
 
 
 def test_voc_borders_are_ignore(layouts, no_dataset_warnings):
@@ -316,7 +317,9 @@ def test_the_data_blocks_of_real_yaml_build_on_the_tiny_layouts(layouts):
         warnings.simplefilter("ignore", DatasetWarning)   # COCO train's degenerate annotations
         for block in blocks:
             for split in ("train", "val"):
-                dataset = build_dataset({**block, "root": str(layouts[block["type"]])}, split, train=split == "train")
+                dataset = build_dataset({**block, "root": str(layouts[block["type"]])}, split, train=split == "train",
+                                        size_divisibility=Codec.size_divisibility_of(cfg["bottleneck"]["codec"]))
                 sizes.append((len(dataset), dataset.num_classes, tuple(dataset[0][0].shape)))
-    assert sizes == [(6, 3, (3, 224, 224)), (2, 3, (3, 224, 224)), (3, 4, (3, 512, 512)), (2, 4, (3, 512, 512)),
-                     (2, 150, (3, 512, 512)), (1, 150, (3, 512, 512))]
+    # evaluation keeps the aspect: 48x32 and 24x16 (WxH) files fit 512 wide, 341 high, padded to 344 (4 | 344)
+    assert sizes == [(6, 3, (3, 224, 224)), (2, 3, (3, 224, 224)), (3, 4, (3, 512, 512)), (2, 4, (3, 344, 512)),
+                     (2, 150, (3, 512, 512)), (1, 150, (3, 344, 512))]

@@ -9,7 +9,8 @@ from conftest import tiny_codec
 from mmseg.registry import MODELS
 
 from heads.segmentation import MTFCLatentResNet, SegmentationEvaluator, SegmentationHead
-from mtfc.data import MultiTaskDataset, collate, make_dataset
+from mtfc.data import MultiTaskDataset, build_dataset, collate, make_dataset
+from mtfc.data.testing import write_real_layouts
 from mtfc.head import HEADS, Head, geometry_of
 from mtfc.model import MultiTaskModel
 from mtfc.teacher import build_teacher
@@ -181,6 +182,25 @@ def test_reference_segmenter_runs_on_images(train_set):
     assert set(head.train()(images, targets)) == {"loss_ce"}
     preds = head.eval()(images, geometry_of(targets))
     assert [p.shape for p in preds] == [(SIZE, SIZE)] * 2
+
+
+def test_a_non_square_image_is_predicted_and_scored_at_its_original_size(tmp_path, frozen_codec):
+    """ADE20K's 24x16 (WxH) file, evaluated keeping its aspect: fed 32x21 padded to 32x24 (the codec's 4),
+    predicted and scored at 24x16 against the file's label map."""
+    ade = write_real_layouts(tmp_path, corrupt=False)["ade20k"]
+    val = build_dataset({"type": "ade20k", "root": str(ade), "image_size": 32, "resize": "keep_aspect"}, "val",
+                        size_divisibility=frozen_codec.size_divisibility)
+    images, targets = collate([val[0]])
+    assert frozen_codec.size_divisibility == 4 and images.shape == (1, 3, 24, 32)
+    assert targets[0]["content_size"] == (21, 32) and targets[0]["sem_seg"].shape == (16, 24)
+    head = SegmentationHead(**{**TINY, "num_classes": 151}).eval()
+    (pred,) = head(frozen_codec.quantize(images), geometry_of(targets))
+    assert pred.shape == (16, 24)
+    evaluator = head.build_evaluator(val)
+    evaluator.process(targets, [pred])
+    labelled = targets[0]["sem_seg"] != 255
+    assert evaluator.evaluate()["aAcc"] == pytest.approx(
+        100 * float((pred[labelled] == targets[0]["sem_seg"][labelled]).float().mean()), abs=0.01)
 
 
 # ------------------------------------------------------------------------------------------ IoUMetric

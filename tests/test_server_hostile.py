@@ -152,11 +152,11 @@ def test_cancelling_a_decode_kills_its_worker_and_the_pool_replaces_it(frozen_co
         try:
             (worker,) = pool._workers
             with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(pool.decode(big), 0.01)
+                await asyncio.wait_for(pool.decode(bitstream.unpack(big)), 0.01)
             assert pool.alive == 0
             assert _exits(worker.process.pid)  # no work outlives its request
             small = stream(frozen_codec)
-            assert torch.equal(await pool.decode(small), frozen_codec.decode([small]))
+            assert torch.equal(await pool.decode(bitstream.unpack(small)), frozen_codec.decode([small]))
             assert pool.alive == 1 and pool.crashes == 0
         finally:
             pool.close()
@@ -183,14 +183,14 @@ def test_a_stream_that_kills_its_worker_gets_decoder_crashed_and_a_new_worker(fr
         try:
             (worker,) = pool._workers
             os.kill(worker.process.pid, signal.SIGSTOP)  # the worker is mid-decode when it dies, however fast decoding is
-            decode = asyncio.ensure_future(pool.decode(big))
+            decode = asyncio.ensure_future(pool.decode(bitstream.unpack(big)))
             await asyncio.sleep(0.05)
             worker.kill()  # what a crash in the decoder (or a deadline's kill) does
             with pytest.raises(decoding.DecoderCrashed, match="crashed the decoder"):
                 await decode
             assert pool.crashes == 1 and worker not in pool._workers
             small = stream(frozen_codec)
-            assert torch.equal(await pool.decode(small), frozen_codec.decode([small]))
+            assert torch.equal(await pool.decode(bitstream.unpack(small)), frozen_codec.decode([small]))
             assert pool.alive == 1
         finally:
             pool.close()

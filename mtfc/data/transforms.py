@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mtfc.head import padded_size
+from mtfc.bitstream import padded_size
 
 IGNORE_INDEX = 255
 """Semantic-mask value of pixels that count as no class (padding, boundaries)."""
@@ -89,8 +89,10 @@ class SampleTransform:
     """Apply :func:`build_transforms` to one numpy sample and return tensors in mtfc's target format.
 
     A sample is a dict with ``image`` (uint8 (H, W, 3) RGB) and optionally ``boxes`` (float (N, 4)
-    XYXY pixels), ``classes`` (N,), ``masks`` (uint8 (N, H, W)) and ``sem_seg`` (uint8 (H, W)); the
-    targets returned add ``content_size``: the (H, W) of the picture at the top-left of the fed image,
+    XYXY pixels), ``classes`` (N,), ``masks`` (uint8 (N, H, W)) and ``sem_seg`` (uint8 (H, W)). Targets
+    are transformed with the image, except an eval ``sem_seg``, kept at the file's size (heads predict
+    in original-image coordinates and MMSeg scores there, as its test pipeline loads annotations after
+    the resize). The targets returned add ``content_size``: the (H, W) of the picture at the top-left of the fed image,
     the resized image with ``keep_aspect``, else the whole fed image (a letterbox's padding is coded
     as part of the picture).
     ``eval_resize`` (eval only, images without targets): :func:`reference_eval` to that shorter side
@@ -106,6 +108,7 @@ class SampleTransform:
             raise ValueError(f"size_divisibility must be positive, got {size_divisibility}")
         self.size = size_hw(image_size)
         self.compose = build_transforms(self.size, train=train, **augment)
+        self.train = train
         self.eval_resize = None if train else eval_resize
         self.keep_aspect = not train and resize == "keep_aspect"
         self.size_divisibility = size_divisibility
@@ -135,7 +138,7 @@ class SampleTransform:
         data["instance_ids"] = np.arange(count)
         if has_masks and count:
             data["masks"] = np.asarray(sample["masks"], np.uint8)
-        if "sem_seg" in sample:
+        if "sem_seg" in sample and self.train:
             data["mask"] = sample["sem_seg"]
         out = self.compose(**data)
 
@@ -152,8 +155,8 @@ class SampleTransform:
         if has_boxes:
             targets["boxes"] = boxes
             targets["classes"] = np.asarray(sample["classes"], np.int64).reshape(-1)[keep]
-        if "sem_seg" in sample:
-            targets["sem_seg"] = self._pad(out["mask"], IGNORE_INDEX)
+        if "sem_seg" in sample:  # evaluation scores the file's label map, as MMSeg's test pipeline does
+            targets["sem_seg"] = self._pad(out["mask"], IGNORE_INDEX) if self.train else sample["sem_seg"]
         tensors = {"boxes": torch.float32, "classes": torch.int64, "masks": torch.uint8, "sem_seg": torch.int64}
         targets = {k: torch.as_tensor(np.ascontiguousarray(v), dtype=tensors[k]) for k, v in targets.items()}
         image = self._pad(out["image"], 0)

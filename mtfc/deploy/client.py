@@ -25,7 +25,7 @@ class StreamEncoder(Protocol):
     size_divisibility: int
 
     def encode(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]] | None = None,
-               level: int | None = None) -> list[bytes]: ...
+               level: int | None = None, content_sizes: Sequence[tuple[int, int]] | None = None) -> list[bytes]: ...
 
 
 class ServerError(RuntimeError):
@@ -108,14 +108,17 @@ class Client:
                                          headers={"Content-Type": STREAM_TYPE}))
 
     def predict(self, images: torch.Tensor, heads: Sequence[str] | None = None,
-                original_sizes: Sequence[tuple[int, int]] | None = None, level: int | None = None) -> list[Result]:
-        """Encode ``images`` (B, 3, H, W) on the device and send each stream; one :class:`Result` per image.
-        ``original_sizes``: each image's (H, W) before it was resized, sent in its stream for the heads;
-        ``level``: the rate level of a variable-rate codec (0: the highest rate; default its middle one)."""
+                original_sizes: Sequence[tuple[int, int]] | None = None, level: int | None = None,
+                content_sizes: Sequence[tuple[int, int]] | None = None) -> list[Result]:
+        """Encode ``images`` (B, 3, H, W) on the device and send each stream; one :class:`Result` per image,
+        in the coordinates of each original image. ``original_sizes``: each image's (H, W) before it was
+        resized; ``content_sizes``: before it was padded to the codec's divisibility (both sent in its
+        stream for the heads; see :meth:`mtfc.Codec.encode`); ``level``: the rate level of a variable-rate
+        codec (0: the highest rate; default its middle one)."""
         if self.encoder is None:
             raise ValueError("this Client has no encoder: pass one, or send ready streams with send()")
         t0 = time.perf_counter()
-        streams = self.encoder.encode(images, original_sizes, level)
+        streams = self.encoder.encode(images, original_sizes, level, content_sizes)
         encode_ms = 1000 * (time.perf_counter() - t0) / len(streams)
         results = []
         for stream in streams:

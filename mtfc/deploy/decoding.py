@@ -42,11 +42,11 @@ def _serve_decodes(codec_path: str, conn: Connection, threads: int) -> None:
     conn.send("ready")
     while True:
         try:
-            body = conn.recv_bytes()
+            parsed = conn.recv()
         except EOFError:
             return
         try:
-            conn.send(("ok", codec.decode([body]).numpy()))
+            conn.send(("ok", codec.decode_unpacked([parsed]).numpy()))
         except bitstream.BitstreamError as e:
             conn.send(("error", type(e).__name__, str(e)))
 
@@ -72,8 +72,8 @@ class _Worker:
             self.close()
             raise RuntimeError(f"decoder worker did not start within {timeout:.0f} s")
 
-    def decode(self, body: bytes) -> torch.Tensor:
-        self.conn.send_bytes(body)
+    def decode(self, parsed: tuple[bitstream.Header, list[bytes]]) -> torch.Tensor:
+        self.conn.send(parsed)
         reply = self.conn.recv()  # EOFError if the stream killed the worker
         if reply[0] == "ok":
             return torch.from_numpy(reply[1])
@@ -91,7 +91,9 @@ class _Worker:
 
 
 class DecoderPool:
-    """``await pool.decode(stream)`` → ŷ (1, C, h, w), decoded by one of ``workers`` processes.
+    """``await pool.decode(stream)`` → ŷ (1, C, h, w), decoded by one of ``workers`` processes. The
+    stream is parsed once: pass what :func:`mtfc.bitstream.unpack` returned for it (with the codec's
+    fingerprint), and the worker entropy-decodes its payloads (:meth:`mtfc.Codec.decode_unpacked`).
 
     Raises the stream's :class:`~mtfc.BitstreamError`, or :class:`DecoderCrashed` if it killed its worker.
     Cancelling ``decode`` (a deadline, a client gone) kills the worker doing it, so no work outlives its
@@ -126,14 +128,14 @@ class DecoderPool:
         self._workers.add(worker)
         self._idle.put_nowait(worker)
 
-    async def decode(self, body: bytes) -> torch.Tensor:
+    async def decode(self, parsed: tuple[bitstream.Header, list[bytes]]) -> torch.Tensor:
         loop = asyncio.get_running_loop()
         worker = await self._idle.get()
         while not worker.process.is_alive():  # died while idle (e.g. killed by the OOM killer)
             self._retire(worker)
             worker = await self._idle.get()
         try:
-            latent = await loop.run_in_executor(self._threads, worker.decode, body)
+            latent = await loop.run_in_executor(self._threads, worker.decode, parsed)
         except (EOFError, OSError):
             self.crashes += 1
             self._retire(worker)

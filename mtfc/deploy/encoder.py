@@ -63,9 +63,11 @@ class Encoder:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]] | None = None,
-               level: int | Sequence[int] | None = None) -> list[bytes]:
+               level: int | Sequence[int] | None = None,
+               content_sizes: Sequence[tuple[int, int]] | None = None) -> list[bytes]:
         """One :mod:`mtfc.bitstream` stream per image, packed by :meth:`mtfc.Codec.pack_latent` as
-        :meth:`mtfc.Codec.encode` packs it (``level``: a variable-rate codec's rate level; the network is
-        the same for every level, the level only picks the quantization); images with NaN or infinite
-        values are refused (``ValueError``)."""
-        return self.codec.pack_latent(self.latent(images), tuple(images.shape[-2:]), original_sizes, level)
+        :meth:`mtfc.Codec.encode` packs it (the same ``original_sizes`` and ``content_sizes``; ``level``: a
+        variable-rate codec's rate level; the network is the same for every level, the level only picks
+        the quantization); images with NaN or infinite values are refused (``ValueError``)."""
+        return self.codec.pack_latent(self.latent(images), tuple(images.shape[-2:]), original_sizes, level,
+                                      content_sizes)

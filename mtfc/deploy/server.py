@@ -10,8 +10,11 @@ at most ``max_wait_ms`` for more), so throughput grows with load.
 Endpoints:
 
 * ``POST /predict?heads=a,b`` — body: one :mod:`mtfc.bitstream` stream (``application/octet-stream``);
-  answer: ``{"predictions": {head: ...}, "image_size", "bytes", "timing_ms"}`` (formats in
-  :mod:`mtfc.deploy.wire`). Errors: 400 bad stream (the ``BitstreamError``'s class and message), an
+  answer: ``{"predictions": {head: ...}, "image_size", "content_size", "original_size", "level", "bytes",
+  "timing_ms"}`` (formats in :mod:`mtfc.deploy.wire`): the predictions are in the coordinates of the
+  original image (``original_size``, from the stream's header; boxes in its pixels, label maps of its
+  size), ``content_size`` is the resized image the device coded and ``image_size`` the size it was
+  coded at (padded to the codec's divisibility). Errors: 400 bad stream (the ``BitstreamError``'s class and message), an
   image size the server does not serve, or an unknown head; 401 missing/wrong bearer token; 408 body
   not received in time; 413 body or image too large; 415 wrong content type; 503 queue full; 504 the
   request's deadline passed (its decode and head work is cancelled).
@@ -68,6 +71,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.requests import ClientDisconnect
 
 from mtfc import bitstream
+from mtfc.codec import Codec
 from mtfc.deploy.decoding import DecoderPool
 from mtfc.deploy.wire import STREAM_TYPE, prediction_to_json
 from mtfc.head import geometry
@@ -492,20 +496,21 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
     async def metrics_endpoint() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def answer(body: bytes, names: tuple[str, ...], header: bitstream.Header, start: float) -> JSONResponse:
-        image_size = header.image_size
+    async def answer(body: bytes, names: tuple[str, ...], parsed: tuple[bitstream.Header, list[bytes]],
+                     start: float) -> JSONResponse:
+        record = model.geometry(parsed[0])
+        image_size = record["image_size"]
         async with state["admission"].admit(image_size[0] * image_size[1]):
             t0 = time.perf_counter()
             try:
-                latent = await state["decoders"].decode(body)
+                latent = await state["decoders"].decode(parsed)
             except bitstream.BitstreamError as e:
                 raise RequestError(400, type(e).__name__, str(e)) from None
             decode_ms = 1000 * (time.perf_counter() - t0)
-            predictions, timing = await state["batcher"].submit(latent, names,
-                                                                geometry(image_size, header.original_size))
+            predictions, timing = await state["batcher"].submit(latent, names, record)
         total_ms = 1000 * (time.perf_counter() - start)
-        return JSONResponse({"predictions": predictions, "image_size": list(image_size),
-                             "original_size": list(header.original_size), "level": header.level, "bytes": len(body),
+        return JSONResponse({"predictions": predictions, **{k: list(v) for k, v in record.items()},
+                             "level": parsed[0].level, "bytes": len(body),
                              "timing_ms": {"decode": decode_ms, **timing, "total": total_ms}})
 
     @app.post("/predict")
@@ -515,8 +520,8 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
         body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
         metrics.bytes_in.inc(len(body))
         names = _select_heads(heads, list(model.heads))
-        header = _check_header(body, fingerprint, sizes)
-        work = asyncio.ensure_future(answer(body, names, header, start))
+        parsed = _check_header(body, model.codec, fingerprint, sizes)
+        work = asyncio.ensure_future(answer(body, names, parsed, start))
         gone = asyncio.ensure_future(_disconnect(request))
         try:
             done, _ = await asyncio.wait({work, gone}, timeout=config.request_timeout_s,
@@ -571,22 +576,25 @@ def _select_heads(query: str | None, available: list[str]) -> tuple[str, ...]:
     return names
 
 
-def _check_header(body: bytes, fingerprint: bytes, sizes: list[tuple[int, int]]) -> bitstream.Header:
-    """Container checks (format, codec, length, checksum) and the served sizes, before any decoding."""
+def _check_header(body: bytes, codec: Codec, fingerprint: bytes,
+                  sizes: list[tuple[int, int]]) -> tuple[bitstream.Header, list[bytes]]:
+    """Container checks (format, codec, length, checksum) and the served sizes (the size the image was
+    coded at), before any decoding: the stream's only parse, whose header and payloads go on to the
+    decoder (:class:`~mtfc.deploy.decoding.DecoderPool`)."""
     try:
-        header, _ = bitstream.unpack(body, fingerprint)
+        header, payloads = bitstream.unpack(body, fingerprint)
     except bitstream.ImageTooLargeError as e:
         raise RequestError(413, "ImageTooLarge", str(e)) from None
     except bitstream.BitstreamError as e:
         raise RequestError(400, type(e).__name__, str(e)) from None
-    H, W = header.image_size
+    H, W = codec.coded_size(header)
     if (H, W) not in sizes:
         served = ", ".join(f"{h}x{w}" for h, w in sizes)
         if H * W > max(h * w for h, w in sizes):
             raise RequestError(413, "ImageTooLarge", f"stream announces a {H}x{W} image; this server serves {served}")
         raise RequestError(400, "UnsupportedImageSize", f"stream announces a {H}x{W} image; this server serves "
                                                          f"{served}: resize or pad the image to one of them")
-    return header
+    return header, payloads
 
 
 def load_model(codec: str | Path, heads: dict[str, str | Path], imports: Sequence[str] = ()) -> MultiTaskModel:
