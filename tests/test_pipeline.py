@@ -125,7 +125,8 @@ def test_a_stage_of_another_data_type_inherits_only_type_independent_keys():
     cfg = load_config("configs/real.yaml", ["data.strict=true", "data.augment={hflip: true}"])
     pipe = Pipeline(cfg)
     assert pipe.data_cfg(cfg.heads["detection"]) == {
-        "type": "coco", "root": "/datasets/coco", "image_size": 512, "augment": {"hflip": True}, "strict": True}
+        "type": "coco", "root": "/datasets/coco", "image_size": 512, "resize": "keep_aspect", "augment": {"hflip": True},
+        "strict": True}
     assert pipe.data_cfg(None) == {"type": "imagenet", "root": "/datasets/imagenet", "image_size": 224,
                                    "eval_resize": 232, "augment": {"hflip": True}, "strict": True}
 

@@ -33,7 +33,8 @@ from .transforms import IGNORE_INDEX, RESIZE, SampleTransform, bbox_params, buil
 __all__ = [
     "ClassificationDataset", "CocoDetectionDataset", "CocoIndex", "CorruptFileError", "DATASETS", "DatasetError",
     "DatasetWarning", "MultiTaskDataset", "Record", "RecordList", "SegmentationDataset", "SizeGroupedBatches",
-    "TaskDataset", "build_dataset", "collate", "grouped_loader", "label_lut", "load_coco", "mmseg_dataset_config", "palette", "read_image",
+    "TaskDataset", "build_dataset", "collate", "grouped_loader", "label_lut", "load_coco", "mmseg_dataset_config",
+    "palette", "read_image",
     "register_detectron2", "render_samples", "LAYOUT", "SHAPES", "Scene", "class_names",
     "generate_scene", "make_dataset", "IGNORE_INDEX", "RESIZE", "SampleTransform", "bbox_params", "build_transforms",
 ]

@@ -21,14 +21,14 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
-from .transforms import IGNORE_INDEX, RESIZE, SampleTransform
+from .transforms import IGNORE_INDEX, SampleTransform
 
 ON_CORRUPT = ("error", "skip")
 """What :class:`TaskDataset` does with an image or label map that cannot be decoded."""
@@ -116,8 +116,6 @@ class TaskDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{description}: no images (empty split)")
         if on_corrupt not in ON_CORRUPT:
             raise DatasetError(f"{description}: on_corrupt must be one of {list(ON_CORRUPT)}, got {on_corrupt!r}")
-        if resize not in RESIZE:
-            raise DatasetError(f"{description}: resize must be one of {list(RESIZE)}, got {resize!r}")
         first = records[0]
         self.records = RecordList(records)
         self.class_names = tuple(class_names)
@@ -131,7 +129,6 @@ class TaskDataset(torch.utils.data.Dataset):
         self.on_corrupt = on_corrupt
         self.corrupt: set[int] = set()
         """Indices found corrupt so far in this process (``on_corrupt="skip"``)."""
-
         keys = {"image_id", "file_name", "image_size", "content_size", "orig_size"}
         if first.label is not None:
             keys.add("label")
@@ -315,7 +312,7 @@ class SizeGroupedBatches:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.items, self.batch_size, self.collate_fn, self.dataset = items, batch_size, collate_fn, dataset
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         buckets: dict[Hashable, list] = {}
         for item in self.items:
             image = item[0] if isinstance(item, (tuple, list)) else item

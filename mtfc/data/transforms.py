@@ -3,8 +3,9 @@
 One train pipeline (random resized crop, horizontal flip, colour jitter) and one deterministic eval
 pipeline: resize the longest side to fit ``image_size``, then pad bottom/right (:data:`RESIZE`) either
 to the full ``image_size`` canvas (``letterbox``) or only to the codec's ``size_divisibility``
-(``keep_aspect``, as Detectron2's ``ResizeShortestEdge`` + ``ImageList.from_tensors`` padding, so images
-of one batch differ in size and are grouped by it: :func:`~mtfc.data.base.grouped_loader`). Classification datasets may instead evaluate
+(``keep_aspect``, as Detectron2's ``ResizeShortestEdge`` + ``ImageList.from_tensors`` padding, so
+images differ in size and are batched by it: :func:`~mtfc.data.base.grouped_loader`). Classification
+datasets may instead evaluate
 with torchvision's reference protocol (:func:`reference_eval`: resize the shorter side, crop the
 centre), which pretrained ImageNet classifiers are scored with. Boxes travel through albumentations as
 ``pascal_voc`` with their instance index as label field; boxes that vanish are dropped together with

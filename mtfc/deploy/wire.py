@@ -4,10 +4,14 @@ Built-in tasks get a compact, documented form; any other head's output is conver
 (tensors → nested lists, dicts and lists recursively), so user heads are served without extra code.
 
 * ``classification``: ``{"class": k, "score": softmax probability of k, "logits": [...]}``
-* ``detection``: ``{"image_size": [H, W], "instances": [{"class", "score", "box": [x1, y1, x2, y2]}, ...]}``
-  (pixels of the sent image; Detectron2's ``pred_classes`` / ``scores`` / ``pred_boxes``)
-* ``segmentation``: ``{"size": [H, W], "format": "png", "mask": base64 PNG}`` — a lossless 8-bit
-  (16-bit for > 256 classes) label map; :func:`decode_mask` reads it back.
+* ``detection``: ``{"image_size": [H0, W0], "instances": [{"class", "score", "box": [x1, y1, x2, y2]}, ...]}``
+  (pixels of the original image, before the device resized it; Detectron2's ``pred_classes`` /
+  ``scores`` / ``pred_boxes``)
+* ``segmentation``: ``{"size": [H0, W0], "format": "png", "mask": base64 PNG}`` — a lossless 8-bit
+  (16-bit for > 256 classes) label map of the original image; :func:`decode_mask` reads it back.
+
+The built-in heads predict in original-image coordinates (the stream's ``original_size``, see
+:class:`mtfc.head.ImageGeometry`), so a client draws them on the photograph it took.
 """
 from __future__ import annotations
 
