@@ -151,8 +151,8 @@ class Head(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} implements neither loss() nor forward()")
 
     def predict(self, latent: torch.Tensor, images: Sequence[ImageGeometry] | None = None) -> list[Any]:
-        """Inference: one prediction per image, in the format its evaluator consumes; ``images``: one
-        :class:`ImageGeometry` record per image (each image's size)."""
+        """Inference: one prediction per image, in the format its evaluator consumes and in the
+        coordinates of the original image; ``images``: one :class:`ImageGeometry` record per image."""
         if self._legacy_forward():
             return self.forward(latent, images)
         raise NotImplementedError(f"{type(self).__name__} implements neither predict() nor forward()")
