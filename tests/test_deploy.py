@@ -4,6 +4,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -112,6 +113,20 @@ def test_in_process_server_predicts_what_the_model_predicts(model, streams):
         metrics = client.get("/metrics").text
         assert _sample(metrics, "mtfc_requests_total", path="/predict") == {"200": len(streams) + 2}
         assert _sample(metrics, "mtfc_request_bytes_total") == {"": sum(map(len, streams)) + len(streams[0]) + len(resized)}
+
+
+def test_mtfc_send_pads_a_photograph_and_sends_its_content_and_original_size(model, tmp_path):
+    from PIL import Image
+
+    from mtfc.deploy.client import load_image
+
+    Image.fromarray(np.full((30, 45, 3), 200, np.uint8)).save(tmp_path / "photo.png")
+    image, original, content = load_image(tmp_path / "photo.png", model.codec.size_divisibility)
+    assert image.shape == (1, 3, 32, 48) and original == content == (30, 45) and not image[..., 30:, :].any()
+    (header, _), = [bitstream.unpack(s) for s in model.codec.encode(image, [original], content_sizes=[content])]
+    assert (header.image_size, header.original_size, model.codec.coded_size(header)) == ((30, 45), (30, 45), (32, 48))
+    image, original, content = load_image(tmp_path / "photo.png", model.codec.size_divisibility, size=32)
+    assert image.shape == (1, 3, 32, 32) and (original, content) == ((30, 45), (32, 32))
 
 
 def test_the_server_parses_each_stream_once(model, streams, monkeypatch):

@@ -133,9 +133,11 @@ class Client:
         return results
 
 
-def load_image(path: str | Path, divisibility: int, size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+def load_image(path: str | Path, divisibility: int,
+               size: int | None = None) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """An image file as float (1, 3, H, W) in [0, 1]: resized to ``size``×``size`` if given, then
-    zero-padded bottom/right to multiples of ``divisibility`` (what the codec accepts); and the file's (H, W)."""
+    zero-padded bottom/right to multiples of ``divisibility`` (what the codec accepts); the file's (H, W)
+    and the content's (H, W) before the padding (both travel in the stream, see :meth:`mtfc.Codec.encode`)."""
     with Image.open(path) as image:
         rgb = image.convert("RGB")
         original = (rgb.height, rgb.width)
@@ -143,7 +145,7 @@ def load_image(path: str | Path, divisibility: int, size: int | None = None) -> 
             rgb = rgb.resize((size, size), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)[None].float() / 255
     H, W = x.shape[-2:]
-    return F.pad(x, (0, -W % divisibility, 0, -H % divisibility)), original
+    return F.pad(x, (0, -W % divisibility, 0, -H % divisibility)), original, (H, W)
 
 
 def send_images(paths: Sequence[str | Path], client: Client, heads: Sequence[str] | None = None,
@@ -151,10 +153,11 @@ def send_images(paths: Sequence[str | Path], client: Client, heads: Sequence[str
     """``mtfc send``: each image file through ``client`` (one request per image), printing a line per image."""
     out = []
     for path in paths:
-        image, original = load_image(path, client.encoder.size_divisibility, size)
-        result = client.predict(image, heads, [original], level)[0]
+        image, original, content = load_image(path, client.encoder.size_divisibility, size)
+        result = client.predict(image, heads, [original], level, [content])[0]
         t = result.timing_ms
-        print(f"{path}: {result.bytes_sent} B sent ({8 * result.bytes_sent / (result.image_size[0] * result.image_size[1]):.3f} bpp) | "
+        print(f"{path}: {result.bytes_sent} B sent ({8 * result.bytes_sent / (original[0] * original[1]):.3f} bpp of the "
+              f"original) | "
               f"encode {t['encode']:.1f} ms, network {t['network']:.1f} ms, server decode {t['decode']:.1f} ms, "
               f"queue {t['queue']:.1f} ms, heads {t['heads']:.1f} ms (batch {t['batch_size']}) | "
               f"{summarize(result.predictions)}", flush=True)
