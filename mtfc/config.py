@@ -58,7 +58,7 @@ class DataConfig:
     eval_resize: int | None = None    # imagenet/imagefolder: evaluate by resizing the shorter side to it, centre crop
     strict: bool | None = None        # true: a degenerate annotation is an error instead of a counted warning
     on_corrupt: str | None = None     # "error" (default) | "skip": an unreadable image or label map
-    resize: str | None = None         # eval: "letterbox" (default, pad to image_size) | "keep_aspect" (pad to the codec's divisibility)
+    resize: str | None = None         # eval: "letterbox" (pad to image_size) | "keep_aspect" (pad to the codec's divisibility); default per type
 
 
 #: Data settings that hold for any dataset type; a stage whose ``data`` names another type inherits only these.

@@ -301,10 +301,11 @@ def test_coco_config_maps_category_ids_and_polygons(tmp_path):
     dataset = build_dataset({"type": "coco", "root": str(tmp_path), "image_size": 40}, "val")
     assert dataset.class_names == ("car", "dog") and dataset.coco.category_ids == [3, 18]
     image, target = dataset[0]
-    assert image.shape == (3, 40, 40) and target["orig_size"] == (40, 80) and target["image_id"] == 7
+    # COCO photographs keep their aspect by default: 80x40 (WxH) -> 40x20, no padding beyond the divisibility (1)
+    assert image.shape == (3, 20, 40) and target["orig_size"] == (40, 80) and target["image_id"] == 7
     assert target["classes"].tolist() == [1], "crowd regions are not training targets"
     assert target["boxes"].tolist() == [[5.0, 5.0, 15.0, 10.0]]
-    assert target["masks"].shape == (1, 40, 40) and target["masks"].sum() > 0
+    assert target["masks"].shape == (1, 20, 40) and target["masks"].sum() > 0
 
 
 def test_segmentation_configs_use_mmseg_listings(tmp_path):

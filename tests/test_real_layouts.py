@@ -143,7 +143,7 @@ def test_coco_train_skips_degenerate_annotations_with_a_count(layouts):
     assert [t["classes"].tolist() for t in items] == [[0, 3], [], [2, 3]]      # crowd (car, id 12) left out
     assert items[0]["boxes"].tolist() == [[4, 4, 28, 12], [30, 16, 40, 28]]
     assert items[0]["masks"].sum((1, 2)).tolist() == [128, 120]                 # two 8x8 squares; 10x12
-    assert items[1]["boxes"].shape == (0, 4) and items[1]["masks"].shape == (0, 48, 48)
+    assert items[1]["boxes"].shape == (0, 4) and items[1]["masks"].shape == (0, 32, 48)   # aspect kept (COCO's default)
     assert items[2]["boxes"].tolist() == [[40, 20, 48, 32], [10, 20, 20, 30]]   # clipped to the 48x32 image
     assert items[2]["masks"].sum((1, 2)).tolist() == [96, 100]
     assert _pixel(train[1][0], 0, 0) == [100, 100, 100]                           # greyscale JPEG
@@ -165,7 +165,7 @@ def test_coco_val_is_clean_and_consistent_with_train(layouts, no_dataset_warning
     assert first["classes"].tolist() == [1, 3] and first["boxes"].tolist() == [[8, 8, 24, 24], [30, 4, 44, 12]]
     assert first["masks"].sum((1, 2)).tolist() == [256, 112]
     assert second["image_id"] == 102 and second["orig_size"] == (30, 40) and second["classes"].tolist() == []
-    assert image.shape == (3, 48, 48)
+    assert image.shape == (3, 36, 48)   # 40x30 (WxH) fits 48 wide, its aspect kept: COCO's default resize
 
 
 def test_coco_keep_aspect_pads_only_to_the_codecs_divisibility(layouts, no_dataset_warnings):
@@ -180,6 +180,9 @@ def test_coco_keep_aspect_pads_only_to_the_codecs_divisibility(layouts, no_datas
     letterbox = build_dataset({**cfg, "resize": "letterbox"}, "val", size_divisibility=8)[1]
     assert letterbox[0].shape == (3, 48, 48) and letterbox[1]["content_size"] == (48, 48)
     assert torch.equal(letterbox[0][:, :40], image)          # the same resize; only the padding differs
+    assert build_dataset({k: v for k, v in cfg.items() if k != "resize"}, "val", size_divisibility=8)[1][0].shape == (3, 40, 48)
+    assert build_dataset({"type": "imagefolder", "root": str(layouts["imagenet"]), "image_size": 32},
+                         "val")[0][0].shape == (3, 32, 32)   # the default per type: COCO keeps the aspect, folders letterbox
 
 
 def test_grouped_loader_batches_by_size_and_keeps_every_image_once(layouts):

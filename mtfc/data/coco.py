@@ -225,7 +225,7 @@ def check_same_categories(coco: CocoIndex, reference: CocoIndex) -> None:
                            f"((id, name) in one only: {differ}); class indices would not match")
 
 
-@DATASETS.register("coco", keys=("ann_file", "image_root"), image_size=512)
+@DATASETS.register("coco", keys=("ann_file", "image_root"), image_size=512, resize="keep_aspect")
 def build_coco(cfg: dict, split: str, *, strict: bool, **options) -> CocoDetectionDataset:
     """``{root}/{ann_file}`` (default ``annotations/instances_{split}2017.json``) and
     ``{root}/{image_root}`` (default ``{split}2017``); another split must have the same categories as

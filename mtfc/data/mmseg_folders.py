@@ -66,19 +66,22 @@ def _build_mmseg(kind: str, cfg: dict, split: str, *, strict: bool, **options) -
                                **options)
 
 
-@DATASETS.register("ade20k", keys=("img_dir", "ann_dir", "ann_file"), image_size=512)
+@DATASETS.register("ade20k", keys=("img_dir", "ann_dir", "ann_file"), image_size=512,
+                   resize="keep_aspect")
 def build_ade20k(cfg: dict, split: str, **options) -> SegmentationDataset:
     """ADEChallengeData2016: ``images/{training,validation}``, ``annotations/…``; raw 0 ("other") → 255."""
     return _build_mmseg("ade20k", cfg, split, **options)
 
 
-@DATASETS.register("voc", keys=("img_dir", "ann_dir", "ann_file"), image_size=512)
+@DATASETS.register("voc", keys=("img_dir", "ann_dir", "ann_file"), image_size=512,
+                   resize="keep_aspect")
 def build_voc(cfg: dict, split: str, **options) -> SegmentationDataset:
     """VOCdevkit/VOC2012: ``JPEGImages``, ``SegmentationClass`` listed by ``ImageSets/Segmentation/{split}.txt``."""
     return _build_mmseg("voc", cfg, split, **options)
 
 
-@DATASETS.register("cityscapes", keys=("img_dir", "ann_dir", "ann_file"), image_size=512)
+@DATASETS.register("cityscapes", keys=("img_dir", "ann_dir", "ann_file"), image_size=512,
+                   resize="keep_aspect")
 def build_cityscapes(cfg: dict, split: str, **options) -> SegmentationDataset:
     """``leftImg8bit/{split}`` + ``gtFine/{split}`` ``*_labelTrainIds.png``; train id k → k+1."""
     return _build_mmseg("cityscapes", cfg, split, **options)

@@ -19,28 +19,32 @@ Builder = Callable[..., TaskDataset]
 
 @dataclass(frozen=True)
 class DatasetType:
-    """A registered dataset type: its builder, the keys it reads besides :data:`COMMON_KEYS`, and its
-    default ``image_size``."""
+    """A registered dataset type: its builder, the keys it reads besides :data:`COMMON_KEYS`, its
+    default ``image_size`` and its default ``resize`` (:data:`~mtfc.data.transforms.RESIZE`)."""
 
     name: str
     build: Builder
     keys: tuple[str, ...] = ()
     image_size: int | None = None
+    resize: str = "letterbox"
 
 
 class DatasetRegistry(dict):
-    """Type name → :class:`DatasetType`; ``@DATASETS.register("name", keys=(...), image_size=...)`` on a
+    """Type name → :class:`DatasetType`; ``@DATASETS.register("name", keys=(...), image_size=..., resize=...)`` on a
     builder ``build(cfg, split, *, train, image_size, augment, strict, on_corrupt, resize, size_divisibility)``
     (the last two for :class:`~mtfc.data.TaskDataset`), where ``cfg`` is the data block with ``root``
     made a :class:`~pathlib.Path`."""
 
-    def register(self, *names: str, keys: tuple[str, ...] = (),
-                 image_size: int | None = None) -> Callable[[Builder], Builder]:
+    def register(self, *names: str, keys: tuple[str, ...] = (), image_size: int | None = None,
+                 resize: str = "letterbox") -> Callable[[Builder], Builder]:
+        if resize not in RESIZE:
+            raise ValueError(f"resize must be one of {list(RESIZE)}, got {resize!r}")
+
         def decorate(build: Builder) -> Builder:
             for name in names:
                 if name in self:
                     raise KeyError(f"dataset type {name!r} is already registered")
-                self[name] = DatasetType(name, build, tuple(keys), image_size)
+                self[name] = DatasetType(name, build, tuple(keys), image_size, resize)
             return build
 
         return decorate
@@ -67,9 +71,10 @@ def build_dataset(cfg: dict, split: str, train: bool = False, size_divisibility:
     degenerate annotations are skipped with a :class:`~mtfc.data.DatasetWarning` counting them;
     true: they are errors), ``on_corrupt`` (``error``, the default, or ``skip``: undecodable
     images are skipped with a warning) and ``resize`` (how evaluation fits images to ``image_size``,
-    :data:`~mtfc.data.transforms.RESIZE`: ``letterbox``, the default, pads to the whole canvas;
-    ``keep_aspect`` only to multiples of ``size_divisibility``, the codec's). The type's own keys are
-    in :data:`DATASETS` (``keys``); other keys are errors. Paths other than ``root`` are relative to
+    :data:`~mtfc.data.transforms.RESIZE`: ``letterbox`` pads to the whole canvas, ``keep_aspect`` only
+    to multiples of ``size_divisibility``, the codec's; default per type: ``keep_aspect`` for the
+    photographs of COCO, ADE20K, VOC and Cityscapes, ``letterbox`` for the rest). The type's own keys
+    are in :data:`DATASETS` (``keys``); other keys are errors. Paths other than ``root`` are relative to
     it; ``{split}`` is substituted.
     """
     if not isinstance(cfg, dict) or "type" not in cfg or "root" not in cfg:
@@ -92,7 +97,7 @@ def build_dataset(cfg: dict, split: str, train: bool = False, size_divisibility:
     strict = cfg.get("strict") or False
     if not isinstance(strict, bool):
         raise DatasetError(f"data block ({kind}): strict must be true or false, got {strict!r}")
-    resize = cfg.get("resize") or "letterbox"
+    resize = cfg.get("resize") or spec.resize
     if resize not in RESIZE:
         close = difflib.get_close_matches(str(resize), RESIZE, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"choose one of {list(RESIZE)}"
