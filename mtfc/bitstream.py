@@ -6,7 +6,7 @@ Layout (format version 3; integers marked *varint* are unsigned LEB128, 1 byte b
     1         format byte 0b1011_lnnf: the high nibble 0xB marks an mtfc version-3 stream,
               l = 1 when a rate level follows the fingerprint (variable-rate codecs),
               nn = number of payloads − 1 (1: factorized prior; 2: y and z of the hyperprior),
-              f = 1 when the original image size follows the coded size
+              f = 1 when the original image size follows the image size
     2         codec fingerprint: first 2 bytes of ``Codec.fingerprint``
     varint    rate level (only when l = 1): which of the codec's levels coded the latent
     varint    image height H, varint image width W: the picture's size (the content, unpadded); the
@@ -21,9 +21,9 @@ Layout (format version 3; integers marked *varint* are unsigned LEB128, 1 byte b
 
 The latent's shape is not sent: the receiving codec derives it from (H, W) padded to its divisibility
 (a stream written before content sizes existed carried the padded size, a multiple of it, and reads
-the same). A factorized stream of a
-32×32 image carries 7 bytes besides its payload (version 2 carried 20: 0.16 bpp at 32×32). bpp counts
-every byte of it: ``8 * len(stream) / (H * W)``.
+the same). A factorized stream of a 32×32 image carries 7 bytes besides its payload (version 2
+carried 20: 0.16 bpp at 32×32). bpp counts every byte of it over the original image's pixels:
+``8 * len(stream) / (H0 * W0)``.
 
 What the checks prove: the checksum catches transmission errors, not forgeries (anyone can compute
 one); the 2-byte fingerprint catches a stream sent to the wrong codec (one pair of codecs in 65,536
