@@ -207,18 +207,16 @@ class DetectionHead(Head):
         """One ``{"instances": Instances}`` per image in the original image's coordinates: the detector
         sees each image's content (its record's ``content_size``) and Detectron2's ``detector_postprocess``
         scales the boxes to ``original_size`` (and clips them to it), as ``GeneralizedRCNN`` does."""
-        latent, image_list = self._image_list(latent, images)
+        latent, image_list, originals = self._image_list(latent, images)
         det = self.detector
         features = det.backbone(latent)
         proposals, _ = det.proposal_generator(image_list, features, None)
         results, _ = det.roi_heads(image_list, features, proposals, None)
-        originals = [original for _, original in image_sizes(images, len(latent), "the detection head",
-                                                              tuple(image_list.tensor.shape[-2:]))]
         return [{"instances": detector_postprocess(r, *original)} for r, original in zip(results, originals)]
 
     def loss(self, latent: torch.Tensor, targets: Targets, distill: Distillation | None = None) -> dict[str, torch.Tensor]:
         gt = self._gt_instances(targets, latent.device)
-        latent, images = self._image_list(latent, targets)
+        latent, images, _ = self._image_list(latent, targets)
         det = self.detector
         features = det.backbone(latent)
         with EventStorage():  # Detectron2's RPN and ROI heads log training statistics to the current storage
@@ -270,20 +268,24 @@ class DetectionHead(Head):
         shapes, t_shapes = self.detector.backbone.output_shape(), teacher.detector.backbone.output_shape()
         return nn.ModuleList(nn.Conv2d(shapes[k].channels, t_shapes[k].channels, 1) for k in shapes)
 
-    def _image_list(self, latent: torch.Tensor, images: Sequence[Any] | None) -> tuple[torch.Tensor, ImageList]:
-        """``latent`` zero-padded bottom/right to the FPN's ``size_divisibility``, and the Detectron2
+    def _image_list(self, latent: torch.Tensor,
+                    images: Sequence[Any] | None) -> tuple[torch.Tensor, ImageList, list[tuple[int, int]]]:
+        """``latent`` zero-padded bottom/right to the FPN's ``size_divisibility``, the Detectron2
         ``ImageList`` that holds each image's content size from its record (``images``: geometry records
-        or targets, both with ``content_size``); the RPN and the ROI heads clip boxes to them."""
+        or targets, both with ``content_size``; the RPN and the ROI heads clip boxes to them), and each
+        image's original size."""
         stride = self.detector.backbone.bottom_up.input_stride
         if latent.dim() != 4 or latent.shape[1] != self.in_channels:
             what = "images" if stride == 1 else "latent"
             raise ValueError(f"the detection head expects a (B, {self.in_channels}, h, w) {what}, "
                              f"got shape {tuple(latent.shape)}")
         H, W = latent.shape[-2] * stride, latent.shape[-1] * stride
-        sizes = [content for content, _ in image_sizes(images, len(latent), "the detection head", (H, W))]
+        sizes = image_sizes(images, len(latent), "the detection head", (H, W))
         padded = _pad_to(latent, self.detector.backbone.size_divisibility // stride)
         # The RPN and ROI heads read only image_sizes; the tensor stands for the padded batch (no pixels here).
-        return padded, ImageList(latent.new_empty((len(latent), 0, *(n * stride for n in padded.shape[-2:]))), sizes)
+        image_list = ImageList(latent.new_empty((len(latent), 0, *(n * stride for n in padded.shape[-2:]))),
+                               [content for content, _ in sizes])
+        return padded, image_list, [original for _, original in sizes]
 
     def _gt_instances(self, targets: Targets | None, device: torch.device) -> list[Instances]:
         if targets is None:
