@@ -706,7 +706,9 @@ def _key(inputs: dict[str, Any]) -> dict[str, Any]:
 
 def _identity(dataset, root: str) -> dict[str, Any]:
     files = "".join(f"{os.path.relpath(r.image_path, root)}\t{r.label}\n" for r in dataset.records)
-    return {"classes": list(dataset.class_names), "targets": sorted(dataset.target_keys), "size": len(dataset),
+    # content_size follows from image_size and the data config's `resize`, which the key holds already
+    targets = sorted(k for k in dataset.target_keys if k != "content_size")
+    return {"classes": list(dataset.class_names), "targets": targets, "size": len(dataset),
             "files": hashlib.sha256(files.encode()).hexdigest()}
 
 
