@@ -140,7 +140,7 @@ def test_heads_build_from_their_sections_and_their_data_has_their_targets(data, 
         "heads.cls: cannot build a 'classification' head from its section: ClassificationHead.__init__() got an "
         "unexpected keyword argument 'hiden_channels'",
         f"heads.depth: a needs_depth head needs targets ['depth'] that its data (bundled at {data}) does not have (it "
-        "has ['boxes', 'classes', 'content_size', 'file_name', 'image_id', 'image_size', 'label', 'masks', 'orig_size', 'sem_seg']): "
+        "has ['boxes', 'classes', 'file_name', 'image_id', 'image_size', 'label', 'masks', 'orig_size', 'sem_seg']): "
         "give heads.depth a `data` section with these labels"]
     assert lines[2].startswith("heads.typo: cannot build a 'clasification' head from its section: unknown head "
                                "'clasification'; registered: [")
