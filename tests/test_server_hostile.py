@@ -89,9 +89,13 @@ def test_served_sizes_default_to_the_training_sizes_and_others_are_refused_at_th
         assert client.get("/info").json()["image_sizes"] == [[32, 32]]
         r = client.post("/predict", content=forged, headers=OCTET)
         assert (r.status_code, r.json()["error"]) == (413, "ImageTooLarge") and "32x32" in r.json()["detail"]
-        r = client.post("/predict", content=stream(frozen_codec, 16), headers=OCTET)
+        # a served size is a bound: a smaller image (a keep_aspect one, say) is served, one that does not fit is not
+        assert client.post("/predict", content=stream(frozen_codec, 16), headers=OCTET).status_code == 200
+        wide = frozen_codec.encode(torch.rand(1, 3, 16, 48, generator=torch.Generator().manual_seed(0)))[0]
+        r = client.post("/predict", content=wide, headers=OCTET)
         assert (r.status_code, r.json()["error"]) == (400, "UnsupportedImageSize")
-        assert r.json()["detail"] == "stream announces a 16x16 image; this server serves 32x32: resize or pad the image to one of them"
+        assert r.json()["detail"] == ("stream announces a 16x48 image; this server serves images up to 32x32: "
+                                      "resize the image to fit one of them")
         assert metric(client.get("/metrics").text, "mtfc_decoder_crashes_total") == 0
         assert client.post("/predict", content=stream(frozen_codec), headers=OCTET).status_code == 200
 

@@ -24,8 +24,9 @@ Endpoints:
   latency and batch-size histograms, bytes in, decoder workers and crashes, pixels in flight).
 
 Hostile traffic. The cost of a request is bounded by what the server serves, not by what a client
-announces: only the image sizes in :attr:`ServerConfig.image_sizes` (default: the training sizes the
-codec and the heads record) get past the header; admitted requests hold at most
+announces: only images that fit within one of the sizes in :attr:`ServerConfig.image_sizes` (default:
+the training sizes the codec and the heads record) get past the header, so an image kept at its aspect
+ratio (``resize: keep_aspect``) is served whatever its shape; admitted requests hold at most
 ``max_pixels_in_flight`` pixels, ``max_queue`` more wait, and the rest get 503 at once; a request's
 decode, queueing and heads must finish within ``request_timeout_s`` or it gets 504 (a decode is
 cancelled by killing its worker process, a queued request leaves its batch). Slow clients are cut off
@@ -95,9 +96,10 @@ class ServerConfig:
         max_batch_pixels: most image pixels in one batch (a batch of large images holds fewer images).
         max_wait_ms: how long the first request of a batch waits for others to join it.
         max_body_bytes: larger bodies get 413 (their bytes are read and dropped, so the client sees the answer).
-        image_sizes: the (H, W) image sizes served; a stream announcing another size gets 400 (413 if
-            larger than all of them) before any decoding. ``None``: the training sizes the codec and
-            the heads record (``image_size`` in their configs).
+        image_sizes: the largest (H, W) image sizes served: a stream is served if its coded size fits
+            within one of them (height and width each at most its); another gets 400 (413 if it has more
+            pixels than all of them) before any decoding. ``None``: the training sizes the codec and the
+            heads record (``image_size`` in their configs).
         max_pixels_in_flight: most image pixels of requests being decoded, queued for or in the heads.
         max_queue: requests waiting for room within ``max_pixels_in_flight``; more get 503.
         request_timeout_s: longest time from the received body to the answer (decode, queue, heads);
@@ -375,10 +377,10 @@ def served_image_sizes(model: MultiTaskModel, config: ServerConfig) -> list[tupl
 
 @torch.no_grad()
 def _check_heads(model: MultiTaskModel, sizes: list[tuple[int, int]]) -> None:
-    """Run every head once on each served size (zero latent), so a size a head cannot take fails at
-    start-up with its message, not later as a 500."""
-    s, C = model.codec.latent_stride, model.codec.latent_channels
-    for H, W in sizes:
+    """Run every head once on each served size and on the smallest image the codec takes (zero latent),
+    so a size a head cannot take fails at start-up with its message, not later as a 500."""
+    s, C, d = model.codec.latent_stride, model.codec.latent_channels, model.codec.size_divisibility
+    for H, W in [*sizes, (d, d)]:
         latent = torch.zeros(1, C, H // s, W // s)
         for name, head in model.heads.items():
             try:
@@ -588,12 +590,13 @@ def _check_header(body: bytes, codec: Codec, fingerprint: bytes,
     except bitstream.BitstreamError as e:
         raise RequestError(400, type(e).__name__, str(e)) from None
     H, W = codec.coded_size(header)
-    if (H, W) not in sizes:
+    if not any(H <= h and W <= w for h, w in sizes):
         served = ", ".join(f"{h}x{w}" for h, w in sizes)
         if H * W > max(h * w for h, w in sizes):
-            raise RequestError(413, "ImageTooLarge", f"stream announces a {H}x{W} image; this server serves {served}")
+            raise RequestError(413, "ImageTooLarge", f"stream announces a {H}x{W} image; this server serves images "
+                                                     f"up to {served}")
         raise RequestError(400, "UnsupportedImageSize", f"stream announces a {H}x{W} image; this server serves "
-                                                         f"{served}: resize or pad the image to one of them")
+                                                         f"images up to {served}: resize the image to fit one of them")
     return header, payloads
 
 
