@@ -187,9 +187,10 @@ class HeadTask(nn.Module):
     frozen_modules = ("codec", "teacher")
 
     def __init__(self, codec: Codec | None, head: Head, teacher: nn.Module | None = None,
-                 optim: OptimSpec | None = None) -> None:
+                 optim: OptimSpec | None = None, level: int | None = None) -> None:
         super().__init__()
         self.codec = _frozen(codec) if codec is not None else None
+        self.level = level
         self.head = head
         self.teacher = _frozen(teacher) if teacher is not None else None
         self.adapters = head.distill_adapters(self.teacher) if teacher is not None else None
@@ -205,10 +206,12 @@ class HeadTask(nn.Module):
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """What the head consumes: ŷ (as decoded on the server), or the images for a reference head. On a
         variable-rate codec the images of a batch take its levels in turn (:func:`mixed_levels`): one
-        head learns every rate."""
+        head learns every rate; or, with ``level``, that level only."""
         if self.codec is None:
             return images
-        return self.codec.quantize(images, mixed_levels(len(images), self.codec.levels) if self.codec.levels else None)
+        if self.level is not None or not self.codec.levels:
+            return self.codec.quantize(images, self.level)
+        return self.codec.quantize(images, mixed_levels(len(images), self.codec.levels))
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         images, targets = batch
@@ -341,15 +344,16 @@ def check_targets(head: Head, dataset: Dataset) -> None:
 
 def fit_head(head: Head, train_set: Dataset, *, codec: Codec | None, out_dir: str | Path,
              val_set: Dataset | None = None, teacher: nn.Module | None = None, optim: OptimSpec | None = None,
-             key: dict[str, Any] | None = None, **fit_kwargs: Any) -> dict[str, Any]:
-    """Train ``head`` on ``codec``'s hard-quantized latent (``codec=None``: a reference head on pixels)
-    with the engine; saves ``head.pt`` (with the codec's fingerprint) in ``out_dir``.
+             key: dict[str, Any] | None = None, level: int | None = None, **fit_kwargs: Any) -> dict[str, Any]:
+    """Train ``head`` on ``codec``'s hard-quantized latent (``codec=None``: a reference head on pixels;
+    ``level``: one level of a variable-rate codec instead of all of them) with the engine; saves
+    ``head.pt`` (with the codec's fingerprint) in ``out_dir``.
 
     Returns the engine's history (per-epoch losses and the head evaluator's metrics).
     """
     out = Path(out_dir)
     check_targets(head, train_set)
-    task = HeadTask(codec, head, teacher, optim)
+    task = HeadTask(codec, head, teacher, optim, level)
     history = _fit(task, train_set, key, val_set=val_set, out_dir=out, **fit_kwargs)
     save_head(head, out / "head.pt", codec.fingerprint if codec is not None else None, history=history, key=key)
     clear_state(out)

@@ -149,6 +149,8 @@ def test_stage_one_weights_each_image_rate_by_its_level(kind):
 def test_a_head_trains_on_every_level_in_turn(vr_codec, images):
     task = HeadTask(small_codec(vr_codec.kind, levels=LEVELS), head=torch.nn.Identity())  # the same codec, afresh
     assert torch.equal(task.inputs(images), vr_codec.quantize(images, level=[0, 1, 2, 0]))
+    one = HeadTask(small_codec(vr_codec.kind, levels=LEVELS), head=torch.nn.Identity(), level=2)
+    assert torch.equal(one.inputs(images), vr_codec.quantize(images, level=2))
 
 
 def test_one_server_serves_every_level(tmp_path):
