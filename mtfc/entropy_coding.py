@@ -178,6 +178,11 @@ class LatentCoder:
         raise NotImplementedError
 
 
+def _channel_indexes(shape: tuple[int, ...]) -> np.ndarray:
+    """Each element's table: its channel's (an ``EntropyBottleneck`` has one table per channel)."""
+    return np.broadcast_to(np.arange(shape[1]).reshape(1, -1, 1, 1), shape)
+
+
 class _Bottleneck:
     """An ``EntropyBottleneck``: one table per channel, values around the channel's median."""
 
@@ -192,15 +197,12 @@ class _Bottleneck:
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize(x, self.medians)
 
-    def _indexes(self, shape: tuple[int, ...]) -> np.ndarray:
-        return np.broadcast_to(np.arange(shape[1]).reshape(1, -1, 1, 1), shape)
-
     def encode(self, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
         values, x_hat = self.quantize(x)
-        return self.tables.encode(values.numpy(), self._indexes(tuple(x.shape))), x_hat
+        return self.tables.encode(values.numpy(), _channel_indexes(tuple(x.shape))), x_hat
 
     def decode(self, payload: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-        values = self.tables.decode(payload, self._indexes(shape))
+        values = self.tables.decode(payload, _channel_indexes(shape))
         return torch.from_numpy(values).to(self.medians.dtype) + self.medians
 
 
@@ -260,10 +262,6 @@ class HyperpriorCoder(LatentCoder):
         z_hat = self.bottleneck.decode(z_payload, (1, len(self.bottleneck.medians[0]), h // 4, w // 4))
         indexes, means = self._prior(z_hat)
         return torch.from_numpy(self.tables.decode(y_payload, indexes)).to(means.dtype) + means
-
-
-def _channel_indexes(shape: tuple[int, ...]) -> np.ndarray:
-    return np.broadcast_to(np.arange(shape[1]).reshape(1, -1, 1, 1), shape)
 
 
 class StepCoder(LatentCoder):
