@@ -380,7 +380,8 @@ class Codec(CompressionModel):
             if len(payloads) != n_payloads:
                 raise bitstream.CorruptStreamError(f"header does not match this codec: {len(payloads)} payloads "
                                                    f"(this codec sends {n_payloads})")
-            if (header.level is None) != (not self.levels) or (header.level or 0) >= max(self.levels, 1):
+            fits = header.level is None if not self.levels else header.level is not None and header.level < self.levels
+            if not fits:
                 raise bitstream.CorruptStreamError(
                     f"header does not match this codec: rate level {header.level} (this codec "
                     + (f"codes levels 0..{self.levels - 1})" if self.levels else "has one rate and sends no level)"))

@@ -178,6 +178,19 @@ class LatentCoder:
         raise NotImplementedError
 
 
+def by_level(y: torch.Tensor, levels: torch.Tensor, fn) -> tuple[torch.Tensor, ...]:
+    """``fn(y_l, level)`` → tensors shaped like ``y_l``, run on each level's images of the batch ``y`` and
+    put back in batch order."""
+    out: list[torch.Tensor] = []
+    for level in torch.unique(levels).tolist():
+        idx = (levels == level).nonzero().squeeze(1)
+        parts = fn(y[idx], level)
+        out = out or [torch.empty_like(y) for _ in parts]
+        for o, part in zip(out, parts):
+            o[idx] = part
+    return tuple(out)
+
+
 def _channel_indexes(shape: tuple[int, ...]) -> np.ndarray:
     """Each element's table: its channel's (an ``EntropyBottleneck`` has one table per channel)."""
     return np.broadcast_to(np.arange(shape[1]).reshape(1, -1, 1, 1), shape)
@@ -312,11 +325,8 @@ class GainCoder(LatentCoder):
 
     def quantize(self, y: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         check_finite(y)
-        out = torch.empty_like(y)
-        for level in torch.unique(levels).tolist():
-            idx = (levels == level).nonzero().squeeze(1)
-            out[idx] = self.bottlenecks[level].quantize(y[idx] * self.gain[level])[1] * self.inverse[level]
-        return out
+        return by_level(y, levels,
+                        lambda y_l, l: (self.bottlenecks[l].quantize(y_l * self.gain[l])[1] * self.inverse[l],))[0]
 
     def compress(self, y: torch.Tensor, level: int | None = None) -> list[bytes]:
         check_finite(y)

@@ -31,7 +31,7 @@ import yaml
 from torch import nn
 
 from mtfc.checkpoint import LEARNED_CODEC, TEACHER, TRAIN_STATE, CheckpointError, load_checkpoint, written_by
-from mtfc.codec import Codec, load_codec
+from mtfc.codec import DEFAULT_KIND, Codec, load_codec
 from mtfc.config import DATA_GENERIC, DATA_LOCATION, Config, StageConfig
 from mtfc.engine import on_rank_zero, seed_everything
 from mtfc.head import HEADS, Head, HeadContext, geometry_of
@@ -127,7 +127,7 @@ class Pipeline:
     @property
     def variable_rate(self) -> bool:
         """Whether ``bottleneck.codec.kind`` is a variable-rate prior: one codec for every β."""
-        return PRIORS[self.cfg.bottleneck.codec.get("kind", "factorized")].variable
+        return getattr(PRIORS.get(self.cfg.bottleneck.codec.get("kind", DEFAULT_KIND)), "variable", False)
 
     def runs(self) -> list[Run]:
         """What stage 1 trains and every head trains on: each β (one codec each), or all βs at once
@@ -280,7 +280,7 @@ class Pipeline:
         except ValueError as e:
             return self._fail(problems + [f"teacher.arch: {_line(e)}"])
         try:
-            levels = {"levels": len(b.betas)} if getattr(PRIORS.get(b.codec.get("kind")), "variable", False) else {}
+            levels = {"levels": len(b.betas)} if self.variable_rate else {}
             latent_channels = Codec(**{"out_channels": channels, **b.codec, **levels}).latent_channels
         except (TypeError, ValueError) as e:
             return self._fail(problems + [f"bottleneck.codec: {_line(e)}"])

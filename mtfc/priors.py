@@ -20,7 +20,7 @@ from compressai.latent_codecs import (EntropyBottleneckLatentCodec, GaussianCond
 from compressai.models.utils import conv, deconv
 from torch import nn
 
-from mtfc.entropy_coding import FactorizedCoder, GainCoder, HyperpriorCoder, LatentCoder, StepCoder
+from mtfc.entropy_coding import FactorizedCoder, GainCoder, HyperpriorCoder, LatentCoder, StepCoder, by_level
 
 
 class Prior:
@@ -76,15 +76,6 @@ def initial_steps(levels: int) -> torch.Tensor:
     return torch.logspace(math.log10(0.25), math.log10(4.0), max(levels, 2))[:levels] if levels > 1 else torch.ones(1)
 
 
-def _by_level(y: torch.Tensor, levels: torch.Tensor, fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fn(y_l, level)`` → (ŷ_l, likelihoods_l) on each level's images, put back in batch order."""
-    y_hat, likelihoods = torch.empty_like(y), torch.empty_like(y)
-    for level in torch.unique(levels).tolist():
-        idx = (levels == level).nonzero().squeeze(1)
-        y_hat[idx], likelihoods[idx] = fn(y[idx], level)
-    return y_hat, likelihoods
-
-
 class StepBottleneck(EntropyBottleneckVbr):
     """CompressAI's ``EntropyBottleneckVbr`` whose training pass scores each value by the density's mass
     over its quantization step ``qs``. (compressai 1.2.8's own ``forward`` hands ``qs`` to the likelihood
@@ -117,7 +108,7 @@ class StepLatentCodec(LatentCodec):
 
     def forward(self, y: torch.Tensor, levels: torch.Tensor) -> dict[str, Any]:
         steps = self.steps()
-        y_hat, likelihoods = _by_level(y, levels, lambda y_l, l: self.entropy_bottleneck(y_l, qs=steps[l]))
+        y_hat, likelihoods = by_level(y, levels, lambda y_l, l: self.entropy_bottleneck(y_l, qs=steps[l]))
         return {"likelihoods": {"y": likelihoods}, "y_hat": y_hat}
 
 
@@ -142,7 +133,7 @@ class GainLatentCodec(LatentCodec):
             y_hat, likelihoods = self.entropy_bottleneck[l](y_l * gain[l])
             return y_hat * inverse[l], likelihoods
 
-        y_hat, likelihoods = _by_level(y, levels, level)
+        y_hat, likelihoods = by_level(y, levels, level)
         return {"likelihoods": {"y": likelihoods}, "y_hat": y_hat}
 
 
