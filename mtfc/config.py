@@ -14,7 +14,9 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
-from mtfc.optim import OptimSpec
+from mtfc.distill import REDUCTIONS
+from mtfc.optim import OMIT_AT_DEFAULT, OptimSpec
+from mtfc.recipes import apply_recipe
 from mtfc.teacher import STAGES
 
 
@@ -88,7 +90,7 @@ class StageConfig:
     def what_it_makes(self) -> dict[str, Any]:
         """This section as plain data without :data:`HOW_IT_RUNS` and ``data`` (which the pipeline
         resolves): the settings that determine the stage's artifact."""
-        return {k: v for k, v in _plain(self).items() if k not in HOW_IT_RUNS and k != "data"}
+        return {k: v for k, v in key_form(self).items() if k not in HOW_IT_RUNS and k != "data"}
 
 
 @dataclass
@@ -104,7 +106,8 @@ class TeacherConfig(StageConfig):
 class BottleneckConfig(StageConfig):
     """Stage 1, one codec per β. ``codec``: :class:`mtfc.Codec`'s arguments. ``stages``: the teacher
     taps distilled, or ``select_taps`` = k picks k by clustering; ``saliency`` in [0, 1] weights the
-    distillation by the teacher's Grad-CAM; ``entropy_lr``/``aux_lr``: the prior's learning rates."""
+    distillation by the teacher's Grad-CAM; ``entropy_lr``/``aux_lr``: the prior's learning rates;
+    ``reduction``: ``mean`` (each tap's MSE) or ``sum`` (sc2bench's, see :class:`mtfc.train.BottleneckTask`)."""
 
     betas: list[float] = field(default_factory=lambda: [1.0])
     codec: dict[str, Any] = field(default_factory=dict)
@@ -113,6 +116,7 @@ class BottleneckConfig(StageConfig):
     saliency: float = 0.0
     aux_lr: float = 1e-2
     entropy_lr: float | None = None
+    reduction: str = field(default="mean", metadata=OMIT_AT_DEFAULT)
 
 
 @dataclass
@@ -162,7 +166,8 @@ class EvaluationConfig:
 
 @dataclass
 class Config:
-    """The whole pipeline. ``imports``: Python modules imported first (they register user heads)."""
+    """The whole pipeline. ``imports``: Python modules imported first (they register user heads).
+    ``recipe``: a named recipe of :mod:`mtfc.recipes` laid over the config (e.g. ``entropic-student``)."""
 
     out_dir: str
     data: DataConfig
@@ -173,11 +178,14 @@ class Config:
     seed: int = 0
     device: str | None = None
     imports: list[str] = field(default_factory=list)
+    recipe: str | None = None
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> Config:
-        """Check and resolve a config dict; errors name the key (``teacher.epoch: did you mean 'epochs'?``)."""
-        config = _parse(cls, cfg, "")
+    def from_dict(cls, cfg: dict[str, Any], overridden: Iterable[str] = ()) -> Config:
+        """Check and resolve a config dict (its recipe applied; ``overridden``: the dotted keys set on the
+        command line, which may not be keys the recipe fixes); errors name the key (``teacher.epoch: did
+        you mean 'epochs'?``)."""
+        config = _parse(cls, apply_recipe(cfg, list(overridden)), "")
         stages = {"teacher": config.teacher, "bottleneck": config.bottleneck,
                   **{f"heads.{name}": head for name, head in config.heads.items()}}
         for where, stage in stages.items():
@@ -188,6 +196,8 @@ class Config:
             head.type = head.type or name
         if not config.bottleneck.betas:
             raise ValueError("bottleneck.betas is empty")
+        if config.bottleneck.reduction not in REDUCTIONS:
+            raise ValueError(f"bottleneck.reduction must be one of {REDUCTIONS}, got {config.bottleneck.reduction!r}")
         _check_learned(config.evaluation.learned_baselines)
         return config
 
@@ -266,11 +276,27 @@ def _name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def _plain(obj: Any) -> Any:
+def _plain(obj: Any, keyed: bool = False) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+        out = {}
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if not (keyed and f.metadata.get("omit_at_default") and value == _default(f)):
+                out[f.name] = _plain(value, keyed)
+        return out
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain(v) for v in obj]
+        return {k: _plain(v, keyed) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, keyed) for v in obj]
     return obj
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def key_form(obj: Any) -> Any:
+    """A config section as plain data for an artifact's key: settings marked
+    :data:`~mtfc.optim.OMIT_AT_DEFAULT` (added after artifacts existed) appear only when not at their
+    default, so upgrading mtfc does not make finished artifacts stale."""
+    return _plain(obj, keyed=True)

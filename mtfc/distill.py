@@ -28,6 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: How stage 1 sums its taps' errors: ``mean`` (each tap's MSE) or ``sum`` (sc2bench's, see
+#: :class:`mtfc.train.BottleneckTask`).
+REDUCTIONS = ("mean", "sum")
+
 
 def feature_mse(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of (B, C, h, w) features; ``weight`` (B, h, w), mean 1 per image, weights positions.

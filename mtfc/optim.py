@@ -8,13 +8,17 @@ clipping, and records the spec in ``log.jsonl``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 import torch
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "onecycle")
+SCHEDULES = ("constant", "cosine", "onecycle", "multistep")
+#: Field metadata of a setting added after artifacts existed: at its default it is left out of
+#: :meth:`OptimSpec.to_dict` and of artifact keys (:func:`mtfc.config.key_form`), so upgrading mtfc
+#: neither makes finished artifacts stale nor stops an interrupted run from resuming.
+OMIT_AT_DEFAULT = {"omit_at_default": True}
 
 
 @dataclass(frozen=True)
@@ -22,8 +26,10 @@ class OptimSpec:
     """``name``: adam | adamw | sgd (Nesterov momentum 0.9). ``lr``: peak learning rate.
     ``schedule``: constant | cosine (linear warm-up over ``warmup`` of the steps, then cosine to
     ``final_lr`` × lr) | onecycle (warm-up from lr/25 along a cosine, then cosine down, as
-    ``torch.optim.lr_scheduler.OneCycleLR``). ``clip_grad``: max global L2 norm of the gradients
-    (``None``: no clipping)."""
+    ``torch.optim.lr_scheduler.OneCycleLR``) | multistep (warm-up, then the rate times ``gamma`` at each
+    of ``milestones``, fractions of the steps, as ``torch.optim.lr_scheduler.MultiStepLR``).
+    ``clip_grad``: max global L2 norm of the gradients (``None``: no clipping). ``nesterov``: SGD's
+    momentum is Nesterov's (``false``: PyTorch's plain momentum)."""
 
     name: str = "adamw"
     lr: float = 1e-3
@@ -32,8 +38,12 @@ class OptimSpec:
     warmup: float = 0.05
     final_lr: float = 0.01
     clip_grad: float | None = None
+    milestones: tuple[float, ...] = field(default=(), metadata=OMIT_AT_DEFAULT)
+    gamma: float = field(default=0.1, metadata=OMIT_AT_DEFAULT)
+    nesterov: bool = field(default=True, metadata=OMIT_AT_DEFAULT)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optim.name {self.name!r} is not one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
@@ -43,6 +53,12 @@ class OptimSpec:
                              f"0 <= final_lr <= 1; got {self}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ValueError(f"optim.clip_grad must be positive or null, got {self.clip_grad}")
+        m = self.milestones
+        if (self.schedule == "multistep") != bool(m) or list(m) != sorted(set(m)) or any(not 0 < x < 1 for x in m):
+            raise ValueError(f"optim.milestones must be increasing fractions in (0, 1) of the steps, given with "
+                             f"schedule: multistep and only with it; got schedule {self.schedule!r}, milestones {list(m)}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"optim.gamma must be in (0, 1], got {self.gamma}")
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any] | None, where: str = "optim") -> OptimSpec:
@@ -54,7 +70,13 @@ class OptimSpec:
         return cls(**cfg)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The spec as plain data; settings marked :data:`OMIT_AT_DEFAULT` only when not at their default."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (f.metadata.get("omit_at_default") and value == f.default):
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], spec: OptimSpec) -> torch.optim.Optimizer:
@@ -65,7 +87,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], spec: OptimSpec) -> to
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if spec.name == "sgd":
-        return torch.optim.SGD(groups, lr=spec.lr, momentum=0.9, nesterov=True)
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=0.9, nesterov=spec.nesterov)
     return (torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam)(groups, lr=spec.lr)
 
 
@@ -81,5 +103,7 @@ def lr_factor(spec: OptimSpec, step: int, total_steps: int) -> float:
             return start + (1 - start) * (1 - math.cos(math.pi * step / warm)) / 2
     elif step < warm:
         return (step + 1) / (warm + 1)
+    if spec.schedule == "multistep":
+        return spec.gamma ** sum(step >= round(m * total_steps) for m in spec.milestones)
     t = min(1.0, (step - warm) / max(1, total_steps - warm - 1))
     return spec.final_lr + (1 - spec.final_lr) * (1 + math.cos(math.pi * t)) / 2

@@ -32,7 +32,7 @@ from torch import nn
 
 from mtfc.checkpoint import LEARNED_CODEC, TEACHER, TRAIN_STATE, CheckpointError, load_checkpoint, written_by
 from mtfc.codec import DEFAULT_KIND, Codec, load_codec
-from mtfc.config import DATA_GENERIC, DATA_LOCATION, Config, StageConfig
+from mtfc.config import DATA_GENERIC, DATA_LOCATION, Config, StageConfig, key_form
 from mtfc.engine import on_rank_zero, seed_everything
 from mtfc.head import HEADS, Head, HeadContext, geometry_of
 from mtfc.model import MultiTaskModel, read_head_checkpoint
@@ -53,11 +53,13 @@ class ConfigCheckError(ValueError):
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config into the typed :class:`~mtfc.config.Config`; ``overrides`` are
-    ``dotted.key=value`` strings (values parsed as YAML). Errors name the file and the key."""
+    ``dotted.key=value`` strings (values parsed as YAML; not keys the config's recipe fixes). Errors name
+    the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config {path} does not exist")
     cfg = yaml.safe_load(path.read_text()) or {}
+    overridden = []
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -67,8 +69,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(value)
+        overridden.append(key)
     try:
-        return Config.from_dict(cfg)
+        return Config.from_dict(cfg, overridden)
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"config {path}: {e.args[0]}") from None
 
@@ -229,7 +232,7 @@ class Pipeline:
         the bottleneck's data; a lower λ, fine-tuned from the highest, also the highest one's key."""
         spec = self.cfg.evaluation.learned_baselines[arch]
         top = max(spec.lambdas)
-        config = {k: v for k, v in dataclasses.asdict(spec).items() if k != "lambdas"}
+        config = {k: v for k, v in key_form(spec).items() if k != "lambdas"}
         inputs = {"stage": "learned-baseline", "arch": arch, "lambda": lmbda, "seed": self.seed,
                   "data": self._data_inputs(self.cfg.bottleneck)}
         if lmbda == top:
@@ -456,7 +459,8 @@ class Pipeline:
                 train_bottleneck(self.dataset(b, "train", train=True), self.dataset(b, "val", train=False),
                                  copy.deepcopy(teacher), arch=self.cfg.teacher.arch, beta=beta,
                                  out_dir=path.parent, codec=b.codec, stages=b.stages, select=b.select_taps,
-                                 saliency=b.saliency, aux_lr=b.aux_lr, entropy_lr=b.entropy_lr, key=key,
+                                 saliency=b.saliency, aux_lr=b.aux_lr, entropy_lr=b.entropy_lr,
+                                 reduction=b.reduction, key=key,
                                  **self.fit_kwargs(b))
             paths[beta] = path
         return paths

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtfc.codec import Codec, save_codec
-from mtfc.distill import feature_mse, gradcam, saliency_weights, select_taps
+from mtfc.distill import REDUCTIONS, feature_mse, gradcam, saliency_weights, select_taps
 from mtfc.engine import clear_state, fit, seed_everything
 from mtfc.head import Distillation, Head, geometry_of
 from mtfc.metrics import ClassificationEvaluator
@@ -80,17 +80,23 @@ class BottleneckTask(nn.Module):
     :func:`~mtfc.teacher.candidate_taps`, or ``"logits"``). With ``saliency`` > 0 each feature tap's
     error is weighted per position by the teacher's Grad-CAM saliency (:mod:`mtfc.distill`;
     FrankenSplit), mixed with uniform weights: ``(1 − saliency) + saliency · map``.
+
+    ``reduction="sum"`` weights each tap's MSE by its elements per image pixel: the loss is then
+    sc2bench's Entropic Student loss (``MSELoss(reduction="sum")`` per tap + β · ``BppLoss(reduction="sum")``)
+    divided by the batch's pixels, so its β means what theirs does.
     """
 
     frozen_modules = ("teacher",)
 
     def __init__(self, codec: Codec, teacher: nn.Module, beta: float | Sequence[float], stages: Sequence[str] = STAGES,
                  optim: OptimSpec | None = None, aux_lr: float = 1e-2, entropy_lr: float | None = None,
-                 saliency: float = 0.0) -> None:
+                 saliency: float = 0.0, reduction: str = "mean") -> None:
         super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"bottleneck.reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.codec, self.teacher = codec, _frozen(teacher)
         self.beta, self.stages, self.optim, self.aux_lr = beta, tuple(stages), optim or OptimSpec(), aux_lr
-        self.entropy_lr, self.saliency = entropy_lr, saliency
+        self.entropy_lr, self.saliency, self.reduction = entropy_lr, saliency, reduction
         known = set(candidate_taps(self.teacher)) | {"logits"}
         unknown = [s for s in self.stages if s not in known]
         if unknown or not self.stages:
@@ -120,7 +126,9 @@ class BottleneckTask(nn.Module):
                 target = teacher_taps(self.teacher, images)
         out = self.codec(images, levels)
         student = {"layer1": out["features"], **run_stages(self.teacher, out["features"])}
-        distill = sum(feature_mse(student[s], target[s], weights.get(s)) for s in self.stages)
+        scale = {s: student[s][0].numel() / images[0, 0].numel() if self.reduction == "sum" else 1.0
+                 for s in self.stages}
+        distill = sum(scale[s] * feature_mse(student[s], target[s], weights.get(s)) for s in self.stages)
         rate = bits_per_pixel(out["likelihoods"], images) if levels is None else bits_per_pixel_each(out["likelihoods"], images)
         return distill, rate, student["logits"]
 
@@ -264,7 +272,7 @@ def train_teacher(train_set: Dataset, val_set: Dataset | None, *, arch: str, num
 def train_bottleneck(train_set: Dataset, val_set: Dataset | None, teacher: nn.Module, *, arch: str,
                      beta: float | Sequence[float], out_dir: str | Path, codec: dict[str, Any] | None = None, stages: Sequence[str] = STAGES,
                      select: int | None = None, saliency: float = 0.0, optim: OptimSpec | None = None,
-                     aux_lr: float = 1e-2, entropy_lr: float | None = None, seed: int = 0,
+                     aux_lr: float = 1e-2, entropy_lr: float | None = None, reduction: str = "mean", seed: int = 0,
                      key: dict[str, Any] | None = None, **fit_kwargs: Any) -> Path:
     """Stage 1 for one β (or, for a variable-rate codec kind, the list of its levels' β): train
     (initialised after seeding with ``seed``), freeze and export ``codec.pt``; returns its path. With
@@ -276,7 +284,7 @@ def train_bottleneck(train_set: Dataset, val_set: Dataset | None, teacher: nn.Mo
     variable = not isinstance(beta, (int, float))
     model = Codec(**{"out_channels": stage_channels(arch)["layer1"], **(codec or {}),
                      **({"levels": len(beta)} if variable else {})})
-    task = BottleneckTask(model, teacher, beta, stages, optim, aux_lr, entropy_lr, saliency)
+    task = BottleneckTask(model, teacher, beta, stages, optim, aux_lr, entropy_lr, saliency, reduction)
     history = _fit(task, train_set, key, val_set=val_set, out_dir=out, seed=seed, **fit_kwargs)
     aux = settle_quantiles(model)
     model.freeze()

@@ -69,3 +69,41 @@ def test_what_a_stage_makes_leaves_out_how_it_runs_and_its_data():
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "cosine", "warmup": 0.05,
                   "final_lr": 0.01, "clip_grad": None},
         "type": "segmentation", "reference": "train", "distill": False, "kwargs": {"decode_head": "aspp"}}
+
+
+def test_a_recipe_lays_its_values_over_the_config_and_refuses_overrides_of_them(tmp_path):
+    from mtfc.pipeline import load_config
+
+    cfg = {**MINIMAL, "bottleneck": {"betas": [1], "epochs": 3, "codec": {"latent_channels": 8}},
+           "heads": {"cls": {"type": "classification", "kwargs": {"hidden_channels": 48, "temperature": 4.0}},
+                     "seg": {"type": "segmentation", "optim": {"lr": 2e-3}}}}
+    es = Config.from_dict({**cfg, "recipe": "entropic-student"})
+    b = es.bottleneck
+    assert (b.codec, b.reduction, b.entropy_lr, b.aux_lr, b.epochs) == (
+        {"latent_channels": 8, "encoder": "es"}, "sum", None, 1e-3, 3)
+    assert b.optim == OptimSpec(name="adam", lr=1e-3, weight_decay=0.0, schedule="multistep", milestones=(0.5, 0.8),
+                                warmup=0.0)
+    cls = es.heads["cls"]
+    assert cls.kwargs == {"hidden_channels": 48, "temperature": 1.0, "alpha": 0.5} and cls.distill is True
+    assert cls.optim == OptimSpec(name="sgd", lr=1e-3, weight_decay=5e-4, schedule="multistep", milestones=(0.5,),
+                                  warmup=0.0, nesterov=False)
+    assert es.heads["seg"] == Config.from_dict(cfg).heads["seg"]  # heads of other types keep the config's recipe
+    assert Config.from_dict(es.to_dict()) == es
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert load_config(path, ["recipe=entropic-student", "bottleneck.betas=[2]"]).bottleneck.betas == [2.0]
+    with pytest.raises(ValueError, match="--set heads.cls.optim.lr: recipe 'entropic-student' fixes "
+                                         "heads.cls.optim.lr; drop the --set"):
+        load_config(path, ["recipe=entropic-student", "heads.cls.optim.lr=0.1"])
+    with pytest.raises(ValueError, match=r"unknown recipe 'es'; choose from \['entropic-student'\]"):
+        Config.from_dict({**cfg, "recipe": "es"})
+    with pytest.raises(ValueError, match="bottleneck.reduction must be one of"):
+        Config.from_dict({**cfg, "bottleneck": {"betas": [1], "reduction": "max"}})
+
+
+def test_settings_added_later_stay_out_of_artifact_keys_at_their_default():
+    from mtfc.config import BottleneckConfig
+
+    assert "reduction" not in BottleneckConfig().what_it_makes()
+    assert BottleneckConfig(reduction="sum").what_it_makes()["reduction"] == "sum"
+    assert "milestones" not in BottleneckConfig().what_it_makes()["optim"]

@@ -127,6 +127,21 @@ def test_saliency_changes_the_training_loss_only(tiny):
         BottleneckTask(codec, teacher, beta=1.0, stages=["layer5"])
 
 
+def test_the_summed_reduction_weights_each_tap_by_its_elements_per_pixel(tiny):
+    """sc2bench's Entropic Student loss: Σ_taps SSE + β·bits, over the batch's pixels (32×32 images:
+    layer1 is 64×8×8 = 4 elements per pixel, layer2 128×4×4 = 2)."""
+    teacher, codec, images = tiny
+    taps = ["layer1", "layer2"]
+    mean = [BottleneckTask(codec, teacher, beta=1.0, stages=[t]).eval() for t in taps]
+    summed = BottleneckTask(codec, teacher, beta=1.0, stages=taps, reduction="sum").eval()
+    with torch.no_grad():
+        (m1, bpp, _), (m2, _, _) = (task.distill(images) for task in mean)
+        s, s_bpp, _ = summed.distill(images)
+    assert torch.allclose(s, 4 * m1 + 2 * m2, rtol=1e-6) and torch.equal(s_bpp, bpp)
+    with pytest.raises(ValueError, match=r"bottleneck.reduction must be one of \('mean', 'sum'\), got 'max'"):
+        BottleneckTask(codec, teacher, beta=1.0, reduction="max")
+
+
 class _LossHead(Head):
     task, metric = "count", "mae"
 

@@ -31,6 +31,26 @@ def test_onecycle_and_constant_schedules():
     assert all(lr_factor(OptimSpec(schedule="constant"), s, 50) == 1.0 for s in range(50))
 
 
+def test_multistep_schedule_known_values():
+    """torch's MultiStepLR at fractions of the steps: ×0.1 from step 50 and again from step 80 of 100."""
+    spec = OptimSpec(schedule="multistep", milestones=[0.5, 0.8], gamma=0.1, warmup=0.0)
+    assert [lr_factor(spec, s, 100) for s in (0, 49, 50, 79, 80, 99)] == [1.0, 1.0, 0.1, 0.1, 0.1**2, 0.1**2]
+    warm = OptimSpec(schedule="multistep", milestones=[0.5], warmup=0.1)
+    assert [lr_factor(warm, s, 100) for s in (0, 9, 10, 50)] == [1 / 11, 10 / 11, 1.0, 0.1]
+    for bad in ({"milestones": [0.5]}, {"schedule": "multistep"}, {"schedule": "multistep", "milestones": [0.8, 0.5]},
+                {"schedule": "multistep", "milestones": [1.0]}):
+        with pytest.raises(ValueError, match="optim.milestones must be increasing fractions in"):
+            OptimSpec(**bad)
+
+
+def test_settings_added_later_stay_out_of_the_record_at_their_default():
+    assert OptimSpec().to_dict() == {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "cosine",
+                                     "warmup": 0.05, "final_lr": 0.01, "clip_grad": None}
+    assert OptimSpec(name="sgd", nesterov=False).to_dict()["nesterov"] is False
+    sgd = build_optimizer(nn.Linear(2, 2).parameters(), OptimSpec(name="sgd", nesterov=False))
+    assert sgd.param_groups[0]["nesterov"] is False and sgd.param_groups[0]["momentum"] == 0.9
+
+
 def test_spec_errors_name_the_key():
     with pytest.raises(KeyError, match="did you mean 'weight_decay'"):
         OptimSpec.from_dict({"weight_decy": 0.1}, "teacher.optim")
