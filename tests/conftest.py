@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from mtfc.codec import Codec
 from mtfc.data import make_dataset
@@ -35,3 +36,12 @@ def codec(request) -> Codec:
 def images() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.rand(3, 3, 32, 48, generator=g)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample of the Prometheus text ``text`` (0 if absent)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from mtfc import bitstream
 from mtfc.deploy import decoding
@@ -25,6 +24,8 @@ from mtfc.deploy.loadtest import free_port
 from mtfc.deploy.server import ServerConfig, create_app, served_image_sizes, uvicorn_config
 from mtfc.head import HEADS, Head
 from mtfc.model import MultiTaskModel
+
+from conftest import metric
 
 OCTET = {"Content-Type": "application/octet-stream"}
 TOKEN = "s3cret"
@@ -64,13 +65,6 @@ def stream(codec, size=32, seed=0) -> bytes:
     return codec.encode(synthetic_images(1, size, seed=seed))[0]
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample of the Prometheus text ``text`` (0 if absent)."""
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
 
 
 # -- 2. bounded cost per request ------------------------------------------------------------------------------
@@ -382,6 +376,7 @@ def test_metrics_are_prometheus_text_and_count_every_status(model, frozen_codec,
     assert metric(r.text, "mtfc_request_errors_total", error="NotAStreamError") == 1
     assert metric(r.text, "mtfc_batch_images_count") == 1 and metric(r.text, "mtfc_decoder_workers") == 2
     assert metric(r.text, "mtfc_request_bytes_total") == 2 * len(stream(frozen_codec)) + 4
+    assert metric(r.text, "mtfc_streams_total", level="fixed") == 1  # the one answered; the fault's is not counted
 
 
 # -- 9. the device side imports no server, the server no training code ------------------------------------------

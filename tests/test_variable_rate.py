@@ -13,6 +13,8 @@ from mtfc.priors import StepBottleneck, initial_steps
 from mtfc.teacher import build_teacher
 from mtfc.train import BottleneckTask, HeadTask, bits_per_pixel_each, mixed_levels
 
+from conftest import metric
+
 LEVELS = 3
 
 
@@ -177,6 +179,12 @@ def test_one_server_serves_every_level(tmp_path):
             r = client.post("/predict", content=stream, headers={"Content-Type": "application/octet-stream"})
             assert r.status_code == 200, r.text
             assert r.json()["level"] == level and r.json()["predictions"] == want
+        assert client.post("/predict", content=streams[0], headers={"Content-Type": "application/octet-stream"}).is_success
+        scrape = client.get("/metrics").text
+    streams_by_level = {str(level): metric(scrape, "mtfc_streams_total", level=str(level)) for level in range(LEVELS)}
+    assert streams_by_level == {"0": 2, **{str(level): 1 for level in range(1, LEVELS)}}
+    assert [metric(scrape, "mtfc_stream_bytes_total", level=str(level)) for level in range(LEVELS)] == [
+        2 * len(streams[0]), *(len(s) for s in streams[1:])]
 
 
 @pytest.mark.parametrize("kind, bitflip", [("step", {"CorruptStreamError": 100}),

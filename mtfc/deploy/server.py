@@ -171,6 +171,10 @@ class Metrics:
                                  ["path"], registry=r,
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.bytes_in = Counter("mtfc_request_bytes", "bytes of /predict bodies received", registry=r)
+        self.streams = Counter("mtfc_streams", "streams answered, by rate level ('fixed': a fixed-rate codec)",
+                               ["level"], registry=r)
+        self.stream_bytes = Counter("mtfc_stream_bytes", "bytes of the streams answered, by rate level", ["level"],
+                                    registry=r)
         self.batch_images = Histogram("mtfc_batch_images", "images per head batch", registry=r,
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.slow_clients = Counter("mtfc_slow_connections_closed", "connections closed for not sending their "
@@ -511,6 +515,9 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
             decode_ms = 1000 * (time.perf_counter() - t0)
             predictions, timing = await state["batcher"].submit(latent, names, record)
         total_ms = 1000 * (time.perf_counter() - start)
+        level = "fixed" if parsed[0].level is None else str(parsed[0].level)
+        metrics.streams.labels(level).inc()
+        metrics.stream_bytes.labels(level).inc(len(body))
         return JSONResponse({"predictions": predictions, **{k: list(v) for k, v in record.items()},
                              "level": parsed[0].level, "bytes": len(body),
                              "timing_ms": {"decode": decode_ms, **timing, "total": total_ms}})
