@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -182,17 +183,19 @@ class Codec(CompressionModel):
         """Rate levels of a variable-rate codec (0: one rate)."""
         return self.config.get("levels", 0)
 
-    def _levels(self, level: int | Sequence[int] | torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        """Each image's level as a (B,) tensor (``None`` for a fixed-rate codec); ``level=None`` on a
-        variable-rate codec means its middle level."""
+    def _levels(self, level: int | Sequence[int] | torch.Tensor | None, batch: int) -> list[int] | None:
+        """Each image's level (``None`` for a fixed-rate codec); ``level=None`` on a variable-rate codec
+        means its middle level."""
         if not self.levels:
             if level is not None:
                 raise ValueError("this codec has one rate; level= is for variable-rate codecs (kind 'step' or 'gain')")
             return None
-        levels = torch.as_tensor(self.levels // 2 if level is None else level, dtype=torch.long).reshape(-1)
-        if levels.numel() == 1:
-            levels = levels.expand(batch)
-        if levels.numel() != batch or levels.min() < 0 or levels.max() >= self.levels:
+        if level is None or isinstance(level, numbers.Integral):  # the device's case: checked without tensors
+            levels = [self.levels // 2 if level is None else int(level)] * batch
+        else:
+            levels = torch.as_tensor(level, dtype=torch.long).reshape(-1).tolist()
+            levels = levels * batch if len(levels) == 1 else levels
+        if len(levels) != batch or not all(0 <= v < self.levels for v in levels):
             raise ValueError(f"level must be one of 0..{self.levels - 1} (0: the highest rate), for the batch or "
                              f"per image; got {level!r} for {batch} images")
         return levels
@@ -291,7 +294,8 @@ class Codec(CompressionModel):
         """The hard-quantized latent ŷ, bit-identical to ``decode(encode(images, level=level))``;
         ``level``: a variable-rate codec's level for the batch or per image."""
         self._check_images(images)
-        return self.coder.quantize(self.g_a(normalize(images)), self._levels(level, len(images)))
+        levels = self._levels(level, len(images))
+        return self.coder.quantize(self.g_a(normalize(images)), None if levels is None else torch.tensor(levels))
 
     @torch.no_grad()
     def compress_latent(self, y: torch.Tensor, level: int | None = None) -> list[bytes]:
@@ -327,7 +331,7 @@ class Codec(CompressionModel):
         fp = bytes.fromhex(self.fingerprint)[: bitstream.FINGERPRINT_BYTES]
         streams = []
         for i in range(len(y)):
-            lv = None if levels is None else int(levels[i])
+            lv = None if levels is None else levels[i]
             header = bitstream.Header(fp, contents[i], original_sizes and tuple(original_sizes[i]), lv)
             streams.append(bitstream.pack(header, self.compress_latent(y[i : i + 1], lv)))
         return streams

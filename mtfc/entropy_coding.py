@@ -295,16 +295,16 @@ class StepCoder(LatentCoder):
             self._tables[level] = TableCoder(model)
         return self._tables[level]
 
-    def _quantize(self, y: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _values(self, y: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         check_finite(y)
-        values = torch.round((y - self.medians) / steps).clamp_(-ESCAPE_LIMIT, ESCAPE_LIMIT)
-        return values, values * steps + self.medians
+        return torch.round((y - self.medians) / steps).clamp_(-ESCAPE_LIMIT, ESCAPE_LIMIT)
 
     def quantize(self, y: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
-        return self._quantize(y, self.steps[levels].reshape(-1, 1, 1, 1))[1]
+        steps = self.steps[levels].reshape(-1, 1, 1, 1)
+        return self._values(y, steps) * steps + self.medians
 
     def compress(self, y: torch.Tensor, level: int | None = None) -> list[bytes]:
-        values, _ = self._quantize(y, self.steps[level])
+        values = self._values(y, self.steps[level])
         return [self.tables(level).encode(values.numpy(), _channel_indexes(tuple(y.shape)))]
 
     def decompress(self, payloads: list[bytes], shape: tuple[int, int], level: int | None = None) -> torch.Tensor:
