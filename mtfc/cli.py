@@ -189,9 +189,10 @@ def _compare_options(parser: argparse.ArgumentParser) -> None:
 def _compare(args: argparse.Namespace) -> int:
     import json
 
-    from mtfc.evaluation.compare import compare, format_table, read_rows
+    from mtfc.evaluation.compare import compare, format_table, read_rows, read_within
 
-    table = compare(read_rows(args.anchor), read_rows(args.test), *args.names)
+    table = compare(read_rows(args.anchor), read_rows(args.test), *args.names,
+                    within=(read_within(args.anchor), read_within(args.test)))
     print(format_table(table, *args.names))
     if args.out:
         Path(args.out).write_text(json.dumps(table, indent=2))

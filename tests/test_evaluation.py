@@ -539,3 +539,27 @@ def test_provenance_names_the_artifacts_other_code_wrote():
         "2 of 3 were written by other code than this report's: b.pt (def (dirty: uncommitted changes to tracked "
         "files)); c.pt (code not recorded)")
     assert _artifacts({}, now) == "none recorded"
+
+
+def test_compare_prints_bd_and_the_bits_within_one_point_of_each_run(tmp_path, capsys):
+    from mtfc.cli import main
+
+    def results(path, points, within):
+        rows = [{"method": "mtfc", "rate_point": beta, "task": "classification", "metric_name": "top1",
+                 "metric_direction": "higher", "bpp_mean": bpp, "metric": metric, "bpp_std": 0.0, "bytes_mean": 0.0,
+                 "encode_ms": 0.0, "decode_ms": 0.0, "n_images": 1} for beta, bpp, metric in points]
+        path.write_text(json.dumps({"rows": rows, "within_reference": [
+            {"task": "classification", "method": "mtfc", "reference_metric": 97.0, **within}]}))
+        return str(path)
+
+    # straight in log-rate, and the test curve is the anchor's at half the rate: −50 %, +2 points
+    anchor = results(tmp_path / "a.json", [(1, 0.2, 90.0), (2, 0.4, 92.0), (3, 0.8, 94.0)],
+                     {"bpp": 0.6, "status": "interpolated"})
+    test = results(tmp_path / "b.json", [(1, 0.1, 90.0), (2, 0.2, 92.0), (3, 0.4, 94.0)],
+                   {"bpp": None, "status": "not reached"})
+    assert main(["compare", anchor, test, "--names", "plain", "es"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| task | metric | BD-rate of es vs plain | BD-metric | bpp within 1 point: plain | es | "
+                        "plain (bpp, metric) | es (bpp, metric) |")
+    assert lines[2] == ("| classification | top1 | -50.0 % | +2.00 | 0.600 (of 97.0) | not reached (of 97.0) | "
+                        "(0.2, 90) (0.4, 92) (0.8, 94) | (0.1, 90) (0.2, 92) (0.4, 94) |")
