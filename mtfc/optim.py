@@ -15,9 +15,9 @@ import torch
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle", "multistep")
-#: Field metadata of a setting added after artifacts existed: at its default it is left out of
-#: :meth:`OptimSpec.to_dict` and of artifact keys (:func:`mtfc.config.key_form`), so upgrading mtfc
-#: neither makes finished artifacts stale nor stops an interrupted run from resuming.
+#: Field metadata of a setting added after artifacts existed: at its default it is left out of artifact
+#: keys and of the engine's resume record (:func:`mtfc.config.key_form`), so upgrading mtfc neither makes
+#: finished artifacts stale nor stops an interrupted run from resuming.
 OMIT_AT_DEFAULT = {"omit_at_default": True}
 
 
@@ -70,13 +70,10 @@ class OptimSpec:
         return cls(**cfg)
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as plain data; settings marked :data:`OMIT_AT_DEFAULT` only when not at their default."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not (f.metadata.get("omit_at_default") and value == f.default):
-                out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        """The spec as plain data, as an artifact key sees it (:func:`mtfc.config.key_form`)."""
+        from mtfc.config import key_form
+
+        return key_form(self)
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], spec: OptimSpec) -> torch.optim.Optimizer:
