@@ -183,19 +183,22 @@ def _compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--names", nargs=2, default=["plain", "method"], metavar=("ANCHOR", "TEST"),
                         help="names of the two runs in the table")
     parser.add_argument("--out", help="also write the table as JSON here")
+    parser.add_argument("--plot", metavar="DIR", help="also draw both curves of each task in DIR/<task>.png")
 
 
 @command("compare", "BD-rate and BD-metric per task of one run's mtfc curve against another's")(_compare_options)
 def _compare(args: argparse.Namespace) -> int:
     import json
 
-    from mtfc.evaluation.compare import compare, format_table, read_rows, read_within
+    from mtfc.evaluation.compare import compare, format_table, plot_curves, read_rows, read_within
 
-    table = compare(read_rows(args.anchor), read_rows(args.test), *args.names,
-                    within=(read_within(args.anchor), read_within(args.test)))
+    anchor, test = read_rows(args.anchor), read_rows(args.test)
+    table = compare(anchor, test, *args.names, within=(read_within(args.anchor), read_within(args.test)))
     print(format_table(table, *args.names))
     if args.out:
         Path(args.out).write_text(json.dumps(table, indent=2))
+    if args.plot:
+        print("plots:", ", ".join(str(p) for p in plot_curves(anchor, test, *args.names, args.plot)))
     return 0
 
 

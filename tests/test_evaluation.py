@@ -557,8 +557,10 @@ def test_compare_prints_bd_and_the_bits_within_one_point_of_each_run(tmp_path, c
                      {"bpp": 0.6, "status": "interpolated"})
     test = results(tmp_path / "b.json", [(1, 0.1, 90.0), (2, 0.2, 92.0), (3, 0.4, 94.0)],
                    {"bpp": None, "status": "not reached"})
-    assert main(["compare", anchor, test, "--names", "plain", "es"]) == 0
+    assert main(["compare", anchor, test, "--names", "plain", "es", "--plot", str(tmp_path / "plots")]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"plots: {tmp_path / 'plots' / 'classification.png'}"
+    assert (tmp_path / "plots" / "classification.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert lines[0] == ("| task | metric | BD-rate of es vs plain | BD-metric | bpp within 1 point: plain | es | "
                         "plain (bpp, metric) | es (bpp, metric) |")
     assert lines[2] == ("| classification | top1 | -50.0 % | +2.00 | 0.600 (of 97.0) | not reached (of 97.0) | "

@@ -4,7 +4,8 @@
 plain recipe and a method, e.g. saliency-guided distillation) and compares their ``mtfc`` rows with
 :func:`~mtfc.evaluation.report.bd_rate_table`, the same Bjøntegaard deltas the report uses for codecs,
 and, beside them, the bits each run needs to stay within 1 point of its uncompressed reference (the
-report's ``within_reference``), which exists even where the curves do not overlap.
+report's ``within_reference``), which exists even where the curves do not overlap; ``--plot DIR`` draws
+both curves of each task in one figure.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mtfc.evaluation.report import bd_rate_table
+from mtfc.evaluation.report import bd_rate_table, plot_task
 
 
 def read_rows(path: str | Path, method: str = "mtfc") -> list[dict[str, Any]]:
@@ -56,6 +57,19 @@ def compare(anchor: list[dict[str, Any]], test: list[dict[str, Any]], anchor_nam
             e = entries.get(entry["task"], {})
             entry[f"within_{name}"] = {k: e.get(k) for k in ("bpp", "status", "reference_metric")}
     return table
+
+
+def plot_curves(anchor: list[dict[str, Any]], test: list[dict[str, Any]], anchor_name: str, test_name: str,
+                out_dir: str | Path) -> list[Path]:
+    """``out_dir/<task>.png`` per task: both runs' curves side by side (``test_name``'s drawn bold)."""
+    rows = [{**r, "method": anchor_name} for r in anchor] + [{**r, "method": test_name} for r in test]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for task in sorted({r["task"] for r in rows}):
+        paths.append(out / f"{task}.png")
+        plot_task(task, [r for r in rows if r["task"] == task], paths[-1], test_name, "")
+    return paths
 
 
 def format_table(table: list[dict[str, Any]], anchor_name: str, test_name: str) -> str:

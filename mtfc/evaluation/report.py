@@ -202,7 +202,8 @@ def _method_order(methods: set[str], anchor: str, reference: str) -> list[str]:
         [m for m in [reference] if m in methods]
 
 
-def _plot(task: str, task_rows: Sequence[Mapping[str, Any]], path: Path, anchor: str, reference: str) -> None:
+def plot_task(task: str, task_rows: Sequence[Mapping[str, Any]], path: Path, anchor: str, reference: str) -> None:
+    """One task's rate–accuracy curves, a curve per method (``anchor``'s drawn bold), ``reference`` as lines."""
     fig = Figure(figsize=(6.4, 4.6), layout="constrained")
     ax = fig.add_subplot()
     markers = "osD^vP*Xh<>"
@@ -334,7 +335,7 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, 
         metric_name = str(task_rows[0]["metric_name"])
         better = "higher" if _higher_is_better(task_rows) else "lower"
         plot = out / "plots" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', task)}.png"
-        _plot(task, task_rows, plot, anchor_method, reference_method)
+        plot_task(task, task_rows, plot, anchor_method, reference_method)
         paths[f"plot/{task}"] = plot
         methods = _method_order({str(r["method"]) for r in task_rows}, anchor_method, reference_method)
         md += ["", f"## {task} ({metric_name}, {better} is better)", ""]
