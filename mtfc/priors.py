@@ -74,7 +74,7 @@ def initial_steps(levels: int) -> torch.Tensor:
     (level K − 1); training moves them. (At high rate the step minimising D + β·R grows as √β, and the
     demo's β span 0.03 … 10 is about 18² wide; from 1/4, the finest level's rate fell below the per-β
     codec's at β = 0.03 as training widened its step.)"""
-    return torch.logspace(math.log10(0.125), math.log10(4.0), max(levels, 2))[:levels] if levels > 1 else torch.ones(1)
+    return torch.logspace(math.log10(0.0625), math.log10(4.0), max(levels, 2))[:levels] if levels > 1 else torch.ones(1)
 
 
 class StepBottleneck(EntropyBottleneckVbr):
