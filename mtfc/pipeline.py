@@ -111,12 +111,13 @@ class Pipeline:
             base = {k: v for k, v in base.items() if k in DATA_GENERIC}
         return {**base, **own}
 
-    def dataset(self, stage: StageConfig | None, split: str, train: bool):
-        """A stage's split; evaluation images are padded to the codec's divisibility
-        (:data:`~mtfc.data.transforms.RESIZE`), the one place the data layer learns it."""
+    def dataset(self, stage: StageConfig | None, split: str, train: bool, root: str | None = None):
+        """A stage's split (``root``: of the same kind of dataset elsewhere); evaluation images are padded to
+        the codec's divisibility (:data:`~mtfc.data.transforms.RESIZE`), the one place the data layer learns it."""
         from mtfc.data import build_dataset
 
-        return build_dataset(self.data_cfg(stage), split, train=train,
+        cfg = self.data_cfg(stage) if root is None else {**self.data_cfg(stage), "root": root}
+        return build_dataset(cfg, split, train=train,
                              size_divisibility=Codec.size_divisibility_of(self.cfg.bottleneck.codec))
 
     def fit_kwargs(self, stage: StageConfig) -> dict[str, Any]:
@@ -548,9 +549,11 @@ class Pipeline:
         return load_head(self.head_path(None, name))
 
     @torch.no_grad()
-    def evaluate(self) -> list[dict[str, Any]]:
+    def evaluate(self, on: tuple[str, str] | None = None) -> list[dict[str, Any]]:
         """Rate–accuracy rows for mtfc at every β, every image-codec baseline (Pillow's and the learned
-        ones, trained first if needed) and the uncompressed reference.
+        ones, trained first if needed) and the uncompressed reference, on each head's ``val`` split or,
+        with ``on`` = (root, split), on that split of a dataset of the same type and settings at ``root``
+        (e.g. more images from the bundled generator: ``tools/eval_fresh.py``).
 
         Every model runs on ``self.device`` (the learned codecs' range coding on the CPU). Heads that share a
         validation set share one pass over it: each image is loaded once, encoded and decoded once per codec
@@ -579,13 +582,15 @@ class Pipeline:
             points += [(codec, q) for q in qualities]
         groups: dict[str, list[str]] = {}  # heads sharing a validation set share one encode per image
         for name, spec in heads.items():
-            groups.setdefault(yaml.safe_dump(self.data_cfg(spec), sort_keys=True), []).append(name)
+            data = self.data_cfg(spec) if on is None else {**self.data_cfg(spec), "root": on[0], "split": on[1]}
+            groups.setdefault(yaml.safe_dump(data, sort_keys=True), []).append(name)
         with torch.enable_grad():  # this method runs under no_grad
             learned_paths = self.train_learned_baselines()
         teacher = self.teacher_model().to(device)
         rows = []
         for key, names in groups.items():
-            val_set = self.dataset(heads[names[0]], "val", train=False)
+            root, split = on or (None, "val")
+            val_set = self.dataset(heads[names[0]], split, train=False, root=root)
             cache = RoundTripCache(self.out / "cache" / "baselines", _dataset_key(key), points)
             loader = grouped_loader(RoundTripDataset(val_set, cache), ev.batch_size, collate_fn=collate_coded,
                                     num_workers=(os.cpu_count() or 1) if ev.num_workers is None else ev.num_workers)
