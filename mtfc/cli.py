@@ -196,6 +196,7 @@ def _compare(args: argparse.Namespace) -> int:
     table = compare(anchor, test, *args.names, within=(read_within(args.anchor), read_within(args.test)))
     print(format_table(table, *args.names))
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(table, indent=2))
     if args.plot:
         print("plots:", ", ".join(str(p) for p in plot_curves(anchor, test, *args.names, args.plot)))
@@ -243,7 +244,7 @@ def _heads(specs: list[str]) -> dict[str, str]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"--head takes NAME=PATH (e.g. cls=runs/demo/heads/beta_1/classification/head.pt), got {spec!r}")
+            raise SystemExit(f"--head takes NAME=PATH (e.g. cls=runs/demo/heads/levels/classification/head.pt), got {spec!r}")
         heads[name] = path
     return heads
 
@@ -455,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as e:  # bad input: the message says what and where
         if os.environ.get("MTFC_TRACEBACK"):
             raise
-        print(f"mtfc {args.command}: error: {e.args[0] if e.args else e}\n(MTFC_TRACEBACK=1 shows the traceback)",
+        what = e if isinstance(e, OSError) and e.filename else e.args[0] if e.args else e  # OSError: "[Errno 2] … 'path'"
+        print(f"mtfc {args.command}: error: {what}\n(MTFC_TRACEBACK=1 shows the traceback)",
               file=sys.stderr)
         return 2

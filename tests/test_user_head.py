@@ -33,7 +33,7 @@ def workdir(tmp_path_factory, shapes_root) -> Path:
 
 def test_from_python(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
-    save_codec(tiny_codec(), "runs/demo/bottleneck/beta_1/codec.pt")
+    save_codec(tiny_codec("step", levels=5), "runs/demo/bottleneck/levels/codec.pt")  # the demo's kind
     scope: dict = {"__name__": "readme_example"}
     exec(compile(example("user-head", "python"), "README.md:user-head", "exec"), scope)
     assert set(scope["history"]["val"]) == {"mae"}

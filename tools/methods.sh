@@ -28,8 +28,8 @@ link() {  # link DIR's PATHS from run FROM (relative links inside runs/)
 }
 compare() { $mtfc compare "$1/report/results.json" "$2/report/results.json" --names "$3" "$4" --out "$2/compare.json"; }
 
-[ -f runs/demo-es/report/results.json ] || $mtfc run configs/demo.yaml --set out_dir=runs/demo-es "${plain[@]}"
-[ -f runs/demo/report/results.json ] || $mtfc run configs/demo.yaml
+[ -f runs/demo-es/report/results.json ] || $mtfc run configs/demo-per-beta.yaml --set out_dir=runs/demo-es "${plain[@]}"
+[ -f runs/demo-per-beta/report/results.json ] || $mtfc run configs/demo-per-beta.yaml
 
 for method in "${@:-head-kd saliency light taps}"; do for m in $method; do
   out=runs/cmp/$m
@@ -38,22 +38,22 @@ for method in "${@:-head-kd saliency light taps}"; do for m in $method; do
     head-kd)
       link "$out" runs/demo-es teacher reference bottleneck heads/beta_0.1/classification \
         heads/beta_1/classification heads/beta_3/classification
-      $mtfc run configs/demo.yaml --set out_dir=$out "${plain[@]}" "${three[@]}" \
+      $mtfc run configs/demo-per-beta.yaml --set out_dir=$out "${plain[@]}" "${three[@]}" \
         --set heads.detection.distill=true --set heads.segmentation.distill=true
       compare runs/demo-es "$out" plain head-kd ;;
     saliency)
       link "$out" runs/demo-es teacher reference
-      $mtfc run configs/demo.yaml --set out_dir=$out "${plain[@]}" "${three[@]}" --set bottleneck.saliency=0.5
+      $mtfc run configs/demo-per-beta.yaml --set out_dir=$out "${plain[@]}" "${three[@]}" --set bottleneck.saliency=0.5
       compare runs/demo-es "$out" plain saliency ;;
     light)
-      link "$out" runs/demo teacher reference bottleneck
-      for b in 0.1 1 3; do link "$out" runs/demo heads/beta_$b/classification heads/beta_$b/segmentation; done
-      $mtfc run configs/demo.yaml --set out_dir=$out "${three[@]}" --set heads.detection.distill=false
+      link "$out" runs/demo-per-beta teacher reference bottleneck
+      for b in 0.1 1 3; do link "$out" runs/demo-per-beta heads/beta_$b/classification heads/beta_$b/segmentation; done
+      $mtfc run configs/demo-per-beta.yaml --set out_dir=$out "${three[@]}" --set heads.detection.distill=false
       compare runs/demo-es "$out" es light ;;
     taps)
-      link "$out" runs/demo teacher reference
-      $mtfc run configs/demo.yaml --set out_dir=$out "${three[@]}" --set bottleneck.select_taps=2
-      compare runs/demo "$out" demo taps ;;
+      link "$out" runs/demo-per-beta teacher reference
+      $mtfc run configs/demo-per-beta.yaml --set out_dir=$out "${three[@]}" --set bottleneck.select_taps=2
+      compare runs/demo-per-beta "$out" demo taps ;;
     *) echo "unknown method $m (head-kd, saliency, light, taps)" >&2; exit 2 ;;
   esac
 done; done
