@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from mtfc.data import make_dataset
+from mtfc.evaluation.report import reference_rate_table
 from mtfc.pipeline import Pipeline, load_config
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,6 +38,7 @@ if not (root / "dataset.json").exists():
     make_dataset(root, image_size=data.image_size, splits={"test": args.images}, seed=p.seed, workers=2, **gen)
 start = time.time()
 rows = p.evaluate(on=(str(root), "test"))
-Path(args.out).write_text(json.dumps({"rows": rows, "fresh": {"root": str(root), "images": args.images},
+Path(args.out).write_text(json.dumps({"rows": rows, "within_reference": reference_rate_table(rows),
+                                      "fresh": {"root": str(root), "images": args.images},
                                       "seconds": round(time.time() - start, 1)}, indent=1))
 print(f"{len(rows)} rows on {args.images} fresh images in {time.time() - start:.0f} s: {args.out}")
