@@ -580,16 +580,16 @@ class Pipeline:
                 _log(f"evaluate: {codec} is not supported by this Pillow build, skipped")
                 continue
             points += [(codec, q) for q in qualities]
+        root, split = on or (None, "val")
         groups: dict[str, list[str]] = {}  # heads sharing a validation set share one encode per image
         for name, spec in heads.items():
-            data = self.data_cfg(spec) if on is None else {**self.data_cfg(spec), "root": on[0], "split": on[1]}
+            data = self.data_cfg(spec) if on is None else {**self.data_cfg(spec), "root": root, "split": split}
             groups.setdefault(yaml.safe_dump(data, sort_keys=True), []).append(name)
         with torch.enable_grad():  # this method runs under no_grad
             learned_paths = self.train_learned_baselines()
         teacher = self.teacher_model().to(device)
         rows = []
         for key, names in groups.items():
-            root, split = on or (None, "val")
             val_set = self.dataset(heads[names[0]], split, train=False, root=root)
             cache = RoundTripCache(self.out / "cache" / "baselines", _dataset_key(key), points)
             loader = grouped_loader(RoundTripDataset(val_set, cache), ev.batch_size, collate_fn=collate_coded,

@@ -46,7 +46,7 @@ def compare(anchor: list[dict[str, Any]], test: list[dict[str, Any]], anchor_nam
     rate points (β) both runs have are compared, so a run at fewer β is compared on equal terms."""
     common = {r["rate_point"] for r in anchor} & {r["rate_point"] for r in test}
     anchor, test = ([r for r in rows if r["rate_point"] in common] for rows in (anchor, test))
-    rows = [{**r, "method": anchor_name} for r in anchor] + [{**r, "method": test_name} for r in test]
+    rows = _named(anchor, test, anchor_name, test_name)
     table = bd_rate_table(rows, anchor_method=test_name, reference_method="")
     for entry in table:
         for name in (anchor_name, test_name):
@@ -62,7 +62,7 @@ def compare(anchor: list[dict[str, Any]], test: list[dict[str, Any]], anchor_nam
 def plot_curves(anchor: list[dict[str, Any]], test: list[dict[str, Any]], anchor_name: str, test_name: str,
                 out_dir: str | Path) -> list[Path]:
     """``out_dir/<task>.png`` per task: both runs' curves side by side (``test_name``'s drawn bold)."""
-    rows = [{**r, "method": anchor_name} for r in anchor] + [{**r, "method": test_name} for r in test]
+    rows = _named(anchor, test, anchor_name, test_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -70,6 +70,12 @@ def plot_curves(anchor: list[dict[str, Any]], test: list[dict[str, Any]], anchor
         paths.append(out / f"{task}.png")
         plot_task(task, [r for r in rows if r["task"] == task], paths[-1], test_name, "")
     return paths
+
+
+def _named(anchor: list[dict[str, Any]], test: list[dict[str, Any]], anchor_name: str,
+           test_name: str) -> list[dict[str, Any]]:
+    """Both runs' rows, each run's ``method`` renamed to its name."""
+    return [{**r, "method": anchor_name} for r in anchor] + [{**r, "method": test_name} for r in test]
 
 
 def format_table(table: list[dict[str, Any]], anchor_name: str, test_name: str) -> str:
