@@ -33,9 +33,11 @@ data = p.cfg.data
 if data.type != "bundled" or data.generate is None:
     raise SystemExit(f"{args.config}: fresh scenes come from the bundled generator; its data is {data.type!r}")
 gen = {k: v for k, v in dataclasses.asdict(data.generate).items() if k not in ("splits", "workers")}
+config = {"image_size": data.image_size, "splits": {"test": args.images}, "seed": p.seed, **gen}
 root = Path(args.root) / f"test_{args.images}"
-if not (root / "dataset.json").exists():
-    make_dataset(root, image_size=data.image_size, splits={"test": args.images}, seed=p.seed, workers=2, **gen)
+info = root / "dataset.json"
+if not info.is_file() or json.loads(info.read_text()).get("config") != config:  # another generator config: redo
+    make_dataset(root, overwrite=True, workers=2, **config)
 start = time.time()
 rows = p.evaluate(on=(str(root), "test"))
 Path(args.out).write_text(json.dumps({"rows": rows, "within_reference": reference_rate_table(rows),
