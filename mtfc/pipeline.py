@@ -37,6 +37,7 @@ from mtfc.engine import on_rank_zero, seed_everything
 from mtfc.head import HEADS, Head, HeadContext, geometry_of
 from mtfc.model import MultiTaskModel, read_head_checkpoint
 from mtfc.priors import PRIORS
+from mtfc.recipes import lay_over
 from mtfc.teacher import (build_teacher, candidate_taps, is_local_weights, pretrained_cache_file, pretrained_fixes,
                           pretrained_weights, stage_channels)
 
@@ -53,12 +54,14 @@ class ConfigCheckError(ValueError):
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config into the typed :class:`~mtfc.config.Config`; ``overrides`` are
-    ``dotted.key=value`` strings (values parsed as YAML; not keys the config's recipe fixes). Errors name
-    the file and the key."""
+    ``dotted.key=value`` strings (values parsed as YAML; not keys the config's recipe fixes). A file may
+    start from another with ``extends: <path relative to it>``: its own values are laid over that file's
+    (nested sections merge; lists, values and ``{}`` replace). Errors name the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path} does not exist")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    try:
+        cfg = _read_config(path)
+    except ValueError as e:
+        raise ValueError(f"config {path}: {e.args[0]}") from None
     overridden = []
     for item in overrides or []:
         key, sep, value = item.partition("=")
@@ -74,6 +77,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         return Config.from_dict(cfg, overridden)
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"config {path}: {e.args[0]}") from None
+
+
+def _read_config(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping of ``path`` laid over the file its ``extends`` names (recursively)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} does not exist"
+                                + (f" (named by `extends` in {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ValueError(f"`extends` loops: {' -> '.join(str(p) for p in (*chain, path.resolve()))}")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds a {type(cfg).__name__}, not a mapping of config sections")
+    base = cfg.pop("extends", None)
+    if base is None:
+        return cfg
+    if not isinstance(base, str):
+        raise ValueError(f"`extends` in {path} must be a file name, got {base!r}")
+    return lay_over(_read_config(path.parent / base, (*chain, path.resolve())), cfg)
 
 
 #: what one codec is trained for: a β, or every β of a variable-rate codec (its levels, in order)

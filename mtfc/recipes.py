@@ -64,7 +64,7 @@ def apply_recipe(cfg: dict[str, Any], overridden: list[str] = ()) -> dict[str, A
         if clash:
             raise ValueError(f"--set {key}: recipe {cfg['recipe']!r} fixes {clash[0]}; drop the --set, or the "
                              "recipe and set its values yourself")
-    return _merge(copy.deepcopy(cfg), values)
+    return lay_over(copy.deepcopy(cfg), values)
 
 
 def _leaves(values: dict[str, Any], prefix: str = "") -> list[str]:
@@ -74,10 +74,12 @@ def _leaves(values: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def _merge(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+def lay_over(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (changed in place) with ``values`` laid over it: nested mappings merge; anything else, an
+    empty mapping included, replaces."""
     for k, v in values.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
+        if isinstance(v, dict) and v and isinstance(base.get(k), dict):
+            lay_over(base[k], v)
         else:
             base[k] = v
     return base

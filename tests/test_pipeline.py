@@ -101,6 +101,34 @@ def test_rerun_skips_finished_stages(run_dir, capsys):
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.pt")} == before
 
 
+def test_a_config_extends_another_and_lays_its_values_over_it(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "demo.yaml").write_text(yaml.safe_dump({**TINY, "out_dir": "x", "data": {"type": "bundled", "root": "y"}}))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({
+        "extends": "base/demo.yaml", "out_dir": "z", "bottleneck": {"codec": {"kind": "step"}, "betas": [1.0]},
+        "evaluation": {"baselines": {}}}))
+    cfg = load_config(tmp_path / "child.yaml", ["bottleneck.epochs=3"])
+    base = load_config(tmp_path / "base" / "demo.yaml")
+    assert (cfg.out_dir, cfg.bottleneck.codec["kind"], cfg.bottleneck.betas, cfg.bottleneck.epochs) == ("z", "step", [1.0], 3)
+    assert cfg.bottleneck.codec["latent_channels"] == 8 and cfg.evaluation.baselines == {}  # merged; {} replaces
+    assert cfg.to_dict()["heads"] == base.to_dict()["heads"] and base.bottleneck.codec["kind"] == "factorized"
+    (tmp_path / "loop.yaml").write_text("extends: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ValueError, match="`extends` loops: .*loop.yaml -> .*loop2.yaml -> .*loop.yaml"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml does not exist \\(named by `extends` in .*orphan.yaml\\)"):
+        load_config(tmp_path / "orphan.yaml")
+
+
+def test_the_per_beta_configs_extend_the_defaults():
+    for child, parent in (("demo-per-beta", "demo"), ("fashion-per-beta", "fashion")):
+        assert yaml.safe_load(Path(f"configs/{child}.yaml").read_text())["extends"] == f"{parent}.yaml"
+        cfg, base = load_config(f"configs/{child}.yaml"), load_config(f"configs/{parent}.yaml")
+        assert (cfg.bottleneck.codec["kind"], base.bottleneck.codec["kind"]) == ("factorized", "step")
+        assert cfg.data == base.data and cfg.teacher == base.teacher
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
