@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
+from mtfc.data.synthetic import HUES
 from mtfc.distill import REDUCTIONS
 from mtfc.optim import OMIT_AT_DEFAULT, OptimSpec
 from mtfc.recipes import apply_recipe
@@ -37,6 +38,7 @@ class GenerateConfig:
     num_classes: int = 5
     splits: dict[str, int] = field(default_factory=lambda: {"train": 2000, "val": 500})
     max_objects: int = 3
+    hue: str = "class"          # class: each class its own band of hues | independent: only the shape tells the class
     workers: int = 1
 
 
@@ -198,6 +200,9 @@ class Config:
             raise ValueError("bottleneck.betas is empty")
         if config.bottleneck.reduction not in REDUCTIONS:
             raise ValueError(f"bottleneck.reduction must be one of {REDUCTIONS}, got {config.bottleneck.reduction!r}")
+        generate = config.data.generate
+        if generate is not None and generate.hue not in HUES:
+            raise ValueError(f"data.generate.hue must be one of {', '.join(HUES)}, got {generate.hue!r}")
         _check_learned(config.evaluation.learned_baselines)
         return config
 

@@ -99,6 +99,8 @@ def test_a_recipe_lays_its_values_over_the_config_and_refuses_overrides_of_them(
         Config.from_dict({**cfg, "recipe": "es"})
     with pytest.raises(ValueError, match="bottleneck.reduction must be one of"):
         Config.from_dict({**cfg, "bottleneck": {"betas": [1], "reduction": "max"}})
+    with pytest.raises(ValueError, match="data.generate.hue must be one of class, independent, got 'hues'"):
+        Config.from_dict({**cfg, "data": {"root": "d", "generate": {"hue": "hues"}}})
 
 
 def test_settings_added_later_stay_out_of_artifact_keys_at_their_default():

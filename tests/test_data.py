@@ -1,6 +1,7 @@
 """mtfc.data: the bundled dataset generator, the standard-format loaders, transforms and errors."""
 from __future__ import annotations
 
+import colorsys
 import json
 import re
 import shutil
@@ -78,6 +79,33 @@ def test_scenes_keep_their_invariants(size):
             expected[mask] = cls + 1
         np.testing.assert_array_equal(scene.sem_seg, expected)
         assert scene.label == scene.classes[int(np.argmax(areas))]
+
+
+def _object_hues(scene) -> list[tuple[int, float]]:
+    """(class, hue of the median colour inside the object) for each object of a scene."""
+    hues = []
+    for cls, mask in zip(scene.classes, scene.masks):
+        inner = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        r, g, b = np.median(scene.image[inner if inner.any() else mask], axis=0) / 255.0
+        hues.append((cls, colorsys.rgb_to_hsv(r, g, b)[0]))
+    return hues
+
+
+def test_independent_hues_change_the_colours_only_and_leave_the_class_to_the_shape():
+    def in_own_band(cls: int, hue: float, k: int = 5) -> bool:   # class k's band is (k + ½ ± ¼)/K (+ measuring slack)
+        return abs((hue * k - cls - 0.5 + k / 2) % k - k / 2) <= 0.3
+
+    inside = {}
+    for mode in ("class", "independent"):
+        scenes = [generate_scene(np.random.default_rng(seed), 64, 5, 2, hue=mode) for seed in range(40)]
+        hues = [h for scene in scenes for h in _object_hues(scene)]
+        inside[mode] = (sum(in_own_band(cls, hue) for cls, hue in hues), len(hues))
+    assert inside == {"class": (58, 58), "independent": (8, 58)}   # ~10 % of the hue circle is a class's band
+    a, b = (generate_scene(np.random.default_rng(3), 64, 5, 2, hue=mode) for mode in ("class", "independent"))
+    assert a.classes == b.classes and a.label == b.label and np.array_equal(a.masks, b.masks)
+    assert np.array_equal(a.sem_seg, b.sem_seg) and not np.array_equal(a.image, b.image)
+    with pytest.raises(ValueError, match="hue must be one of class, independent, got 'random'"):
+        make_dataset(Path("unused"), hue="random")
 
 
 def test_refuses_to_overwrite_unless_asked(root, copy, tmp_path):

@@ -128,6 +128,9 @@ def test_the_variant_configs_extend_the_benchmarks():
         cfg, base = load_config(f"configs/{child}.yaml"), load_config(f"configs/{parent}.yaml")
         assert (cfg.bottleneck.codec["kind"], base.bottleneck.codec["kind"]) == kinds
         assert cfg.data == base.data and cfg.teacher == base.teacher
+    shapes, demo = load_config("configs/shapes.yaml"), load_config("configs/demo.yaml")
+    assert (shapes.data.generate.hue, demo.data.generate.hue) == ("independent", "class")
+    assert shapes.bottleneck == demo.bottleneck and shapes.evaluation == demo.evaluation
 
 
 def test_config_errors(tmp_path):

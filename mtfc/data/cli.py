@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .bundled import MultiTaskDataset
 from .preview import render_samples
-from .synthetic import SHAPES, make_dataset
+from .synthetic import HUES, SHAPES, make_dataset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", type=int, default=2000, help="images in the train split (default 2000)")
     parser.add_argument("--val", type=int, default=500, help="images in the val split (default 500; 0: none)")
     parser.add_argument("--max-objects", type=int, default=3, help="objects per image: 1..N (default 3)")
+    parser.add_argument("--hue", choices=HUES, default="class",
+                        help="class: each class its own band of hues (default) | independent: only the shape tells the class")
     parser.add_argument("--seed", type=int, default=0, help="generator seed; same seed + options = same bytes")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="generator processes (the output does not depend on it; default: all cores)")
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     splits = {name: count for name, count in (("train", args.train), ("val", args.val)) if count > 0}
     start = time.perf_counter()
     root = make_dataset(args.root, image_size=args.image_size, num_classes=args.classes, splits=splits,
-                        max_objects=args.max_objects, seed=args.seed, workers=args.workers,
+                        max_objects=args.max_objects, seed=args.seed, hue=args.hue, workers=args.workers,
                         overwrite=args.overwrite)
     print(f"wrote {sum(splits.values())} images ({args.image_size}x{args.image_size}, {args.classes} classes) "
           f"to {root} in {time.perf_counter() - start:.1f} s with {args.workers} worker(s); "

@@ -1,7 +1,8 @@
 """The bundled multi-task dataset: a deterministic procedural scene generator and its writer.
 
-Each scene is 1..N shapes of K classes (each class has its own geometry and its own band of hues;
-random scale, rotation, position;
+Each scene is 1..N shapes of K classes (each class has its own geometry and, by default, its own band
+of hues; with ``hue="independent"`` every object's hue is drawn uniformly, so only the shape tells the
+class; random scale, rotation, position;
 later shapes may partly occlude earlier ones, each keeps at least half of its area visible) on a
 background full of *task-irrelevant detail*: a muted texture (smooth noise, stripes, checks or
 waves) plus film grain everywhere. The split is deliberate: what every task needs (which shape,
@@ -158,9 +159,18 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return low + t[..., None] * (high - low)
 
 
+#: How an object's hue relates to its class: ``class`` (each class its own band, :func:`class_hue`) or
+#: ``independent`` (uniform, whatever the class).
+HUES = ("class", "independent")
+
+
 def class_hue(rng: np.random.Generator, cls: int, num_classes: int) -> float:
     """A hue from class ``cls``'s band: bands of width 1/(2K) centred on (k + ½)/K, gaps of the same width."""
     return (cls + 0.5 + rng.uniform(-0.25, 0.25)) / num_classes
+
+
+def _hue(rng: np.random.Generator, cls: int, num_classes: int, hue: str) -> float:
+    return class_hue(rng, cls, num_classes) if hue == "class" else float(rng.random())
 
 
 def _paint(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, hue: float) -> None:
@@ -177,9 +187,9 @@ def _paint(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, hue: f
 
 
 def generate_scene(rng: np.random.Generator, image_size: int, num_classes: int, max_objects: int,
-                   label: int | None = None) -> Scene:
+                   label: int | None = None, hue: str = "class") -> Scene:
     """Draw one scene. ``label`` (optional) is the class of the first object, drawn largest; the
-    scene's image-level label is measured after occlusion all the same."""
+    scene's image-level label is measured after occlusion all the same. ``hue``: one of :data:`HUES`."""
     size = image_size
     owner = np.full((size, size), -1, np.int16)   # which placed object each pixel shows (-1: none)
     full_areas: list[int] = []
@@ -202,7 +212,7 @@ def generate_scene(rng: np.random.Generator, image_size: int, num_classes: int, 
                 owner = candidate
                 full_areas.append(area)
                 classes.append(cls)
-                _paint(rng, image, mask, class_hue(rng, cls, num_classes))
+                _paint(rng, image, mask, _hue(rng, cls, num_classes, hue))
                 break
     if not classes:  # only reachable for image sizes where every shape rasterises below min_area
         raise RuntimeError(f"could not place any object in a {size}x{size} image")
@@ -226,12 +236,12 @@ def _mask_annotation(mask: np.ndarray) -> tuple[list[float], int, dict]:
     return bbox, int(mask.sum()), rle
 
 
-def _generate_and_write(job: tuple[str, str, int, int, int, int, int]) -> tuple[int, str, list[tuple[int, list, int, dict]]]:
+def _generate_and_write(job: tuple[str, str, int, int, int, int, int, str]) -> tuple[int, str, list[tuple[int, list, int, dict]]]:
     """Generate and write image ``index`` of ``split``; return its label, file name and objects."""
-    root, split, index, seed, image_size, num_classes, max_objects = job
+    root, split, index, seed, image_size, num_classes, max_objects, hue = job
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
     names = SHAPES_BY_CLASS[num_classes]
-    scene = generate_scene(rng, image_size, num_classes, max_objects, label=index % num_classes)
+    scene = generate_scene(rng, image_size, num_classes, max_objects, label=index % num_classes, hue=hue)
     file_name = f"{names[scene.label]}/{index:06d}.png"
     image_path = Path(root, LAYOUT["image_root"].format(split=split), file_name)
     seg_path = Path(root, LAYOUT["seg_map_root"].format(split=split), file_name)
@@ -271,10 +281,11 @@ def _mtfc_version() -> str:
 
 def make_dataset(root: str | Path, *, image_size: int = 64, num_classes: int = 5,
                  splits: dict[str, int] | None = None, max_objects: int = 3, seed: int = 0,
-                 workers: int = 1, overwrite: bool = False) -> Path:
+                 hue: str = "class", workers: int = 1, overwrite: bool = False) -> Path:
     """Generate the bundled multi-task dataset under ``root`` and return ``root``.
 
-    ``splits`` maps split name to image count (default ``{"train": 2000, "val": 500}``). The output
+    ``splits`` maps split name to image count (default ``{"train": 2000, "val": 500}``); ``hue``: one
+    of :data:`HUES` (``independent``: the class is carried by the shape alone). The output
     depends only on the arguments other than ``workers`` (byte-identical for the same ones).
     ``overwrite`` replaces a dataset already at ``root``; any other non-empty ``root`` is refused.
     """
@@ -285,6 +296,8 @@ def make_dataset(root: str | Path, *, image_size: int = 64, num_classes: int = 5
         raise ValueError(f"image_size must be at least 16, got {image_size}")
     if max_objects < 1:
         raise ValueError(f"max_objects must be at least 1, got {max_objects}")
+    if hue not in HUES:
+        raise ValueError(f"hue must be one of {', '.join(HUES)}, got {hue!r}")
     if not splits or any(n < 1 for n in splits.values()) or not all(s.isidentifier() for s in splits):
         raise ValueError(f"splits must map identifier-like names to positive counts, got {splits}")
     if root.exists() and any(root.iterdir()):
@@ -302,7 +315,7 @@ def make_dataset(root: str | Path, *, image_size: int = 64, num_classes: int = 5
                 Path(root, LAYOUT[pattern].format(split=split), name).mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(exist_ok=True)
 
-    jobs = [(str(root), split, i, seed, image_size, num_classes, max_objects)
+    jobs = [(str(root), split, i, seed, image_size, num_classes, max_objects, hue)
             for split, count in splits.items() for i in range(count)]
     if workers > 1:
         with multiprocessing.get_context().Pool(workers) as pool:
@@ -330,7 +343,8 @@ def make_dataset(root: str | Path, *, image_size: int = 64, num_classes: int = 5
                          "images_per_class": dict(zip(names, per_class))}
 
     config = {"image_size": image_size, "num_classes": num_classes, "splits": splits,
-              "max_objects": max_objects, "seed": seed}
+              "max_objects": max_objects, "seed": seed,
+              **({"hue": hue} if hue != "class" else {})}   # added later: left out at its default (artifact keys)
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "mtfc_version": _mtfc_version(),
             "generator": "mtfc.data.make_dataset", "config": config, "class_names": list(names),
             "counts": counts, "layout": LAYOUT}
