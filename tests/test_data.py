@@ -108,6 +108,17 @@ def test_independent_hues_change_the_colours_only_and_leave_the_class_to_the_sha
         make_dataset(Path("unused"), hue="random")
 
 
+def test_generated_with_tells_whether_a_dataset_is_the_one_a_config_asks_for(root, tmp_path):
+    from mtfc.data.synthetic import generated_with
+
+    assert generated_with(root, {**CONFIG, "workers": 2}) and generated_with(root, {**CONFIG, "hue": "class"})
+    assert "hue" not in json.loads((root / "dataset.json").read_text())["config"]   # left out at its default
+    assert not generated_with(root, {**CONFIG, "hue": "independent"}) and not generated_with(root, {**CONFIG, "seed": 1})
+    assert not generated_with(tmp_path, CONFIG)
+    other = make_dataset(tmp_path / "independent", **{**CONFIG, "hue": "independent"})
+    assert generated_with(other, {**CONFIG, "hue": "independent"}) and not generated_with(other, CONFIG)
+
+
 def test_refuses_to_overwrite_unless_asked(root, copy, tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         make_dataset(copy, **CONFIG)
@@ -482,6 +493,9 @@ def test_make_dataset_command_and_preview(tmp_path, capsys):
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.width > 200 and grid.height > 100
     assert render_samples(MultiTaskDataset(out, "train"), tmp_path / "b.png", num=2).is_file()
+    assert main(["make-dataset", "--root", str(tmp_path / "hues"), "--image-size", "32", "--classes", "2",
+                 "--train", "4", "--val", "0", "--workers", "1", "--hue", "independent"]) == 0
+    assert json.loads((tmp_path / "hues" / "dataset.json").read_text())["config"]["hue"] == "independent"
 
 
 @pytest.mark.parametrize("divisibility", [4, 16])

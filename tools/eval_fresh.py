@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from mtfc.data import make_dataset
+from mtfc.data.synthetic import generated_with
 from mtfc.evaluation.report import reference_rate_table
 from mtfc.pipeline import Pipeline, load_config
 
@@ -35,8 +36,7 @@ if data.type != "bundled" or data.generate is None:
 gen = {k: v for k, v in dataclasses.asdict(data.generate).items() if k not in ("splits", "workers")}
 config = {"image_size": data.image_size, "splits": {"test": args.images}, "seed": p.seed, **gen}
 root = Path(args.root) / f"test_{args.images}"
-info = root / "dataset.json"
-if not info.is_file() or json.loads(info.read_text()).get("config") != config:  # another generator config: redo
+if not generated_with(root, config):
     make_dataset(root, overwrite=True, workers=2, **config)
 start = time.time()
 rows = p.evaluate(on=(str(root), "test"))

@@ -279,6 +279,18 @@ def _mtfc_version() -> str:
         return "unknown"
 
 
+def generated_with(root: str | Path, config: dict) -> bool:
+    """Whether ``root`` holds a dataset this generator version wrote with ``config`` (keyword arguments
+    of :func:`make_dataset`, ``hue`` defaulting to ``class``; ``workers`` and ``overwrite`` do not change the files)."""
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return False
+    info = json.loads(path.read_text())
+    written, asked = ({"hue": "class", **c} for c in (info.get("config", {}), config))   # `hue` is left out at its default
+    return info.get("format_version") == FORMAT_VERSION and all(
+        written.get(k) == v for k, v in asked.items() if k not in ("workers", "overwrite"))
+
+
 def make_dataset(root: str | Path, *, image_size: int = 64, num_classes: int = 5,
                  splits: dict[str, int] | None = None, max_objects: int = 3, seed: int = 0,
                  hue: str = "class", workers: int = 1, overwrite: bool = False) -> Path:
