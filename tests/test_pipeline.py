@@ -122,11 +122,10 @@ def test_a_config_extends_another_and_lays_its_values_over_it(tmp_path):
 
 
 def test_the_variant_configs_extend_the_benchmarks():
-    for child, parent, kinds in (("demo-per-beta", "demo", ("factorized", "step")),
-                                 ("fashion-per-beta", "fashion", ("factorized", "step"))):
+    for child, parent in (("demo-per-beta", "demo"), ("fashion-per-beta", "fashion")):
         assert yaml.safe_load(Path(f"configs/{child}.yaml").read_text())["extends"] == f"{parent}.yaml"
         cfg, base = load_config(f"configs/{child}.yaml"), load_config(f"configs/{parent}.yaml")
-        assert (cfg.bottleneck.codec["kind"], base.bottleneck.codec["kind"]) == kinds
+        assert (cfg.bottleneck.codec["kind"], base.bottleneck.codec["kind"]) == ("factorized", "step")
         assert cfg.data == base.data and cfg.teacher == base.teacher
     shapes, demo = load_config("configs/shapes.yaml"), load_config("configs/demo.yaml")
     assert (shapes.data.generate.hue, demo.data.generate.hue) == ("independent", "class")

@@ -162,6 +162,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 #: How an object's hue relates to its class: ``class`` (each class its own band, :func:`class_hue`) or
 #: ``independent`` (uniform, whatever the class).
 HUES = ("class", "independent")
+#: Generator arguments added after format version 2 was written: ``dataset.json`` leaves them out at these
+#: defaults, so that datasets (and the artifact keys derived from them) stay what they were.
+_LATER_DEFAULTS = {"hue": "class"}
 
 
 def class_hue(rng: np.random.Generator, cls: int, num_classes: int) -> float:
@@ -281,12 +284,12 @@ def _mtfc_version() -> str:
 
 def generated_with(root: str | Path, config: dict) -> bool:
     """Whether ``root`` holds a dataset this generator version wrote with ``config`` (keyword arguments
-    of :func:`make_dataset`, ``hue`` defaulting to ``class``; ``workers`` and ``overwrite`` do not change the files)."""
+    of :func:`make_dataset`, absent ones at their defaults; ``workers`` and ``overwrite`` do not change the files)."""
     path = Path(root) / "dataset.json"
     if not path.is_file():
         return False
     info = json.loads(path.read_text())
-    written, asked = ({"hue": "class", **c} for c in (info.get("config", {}), config))   # `hue` is left out at its default
+    written, asked = ({**_LATER_DEFAULTS, **c} for c in (info.get("config", {}), config))
     return info.get("format_version") == FORMAT_VERSION and all(
         written.get(k) == v for k, v in asked.items() if k not in ("workers", "overwrite"))
 
@@ -356,7 +359,7 @@ def make_dataset(root: str | Path, *, image_size: int = 64, num_classes: int = 5
 
     config = {"image_size": image_size, "num_classes": num_classes, "splits": splits,
               "max_objects": max_objects, "seed": seed,
-              **({"hue": hue} if hue != "class" else {})}   # added later: left out at its default (artifact keys)
+              **{k: v for k, v in {"hue": hue}.items() if v != _LATER_DEFAULTS[k]}}
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "mtfc_version": _mtfc_version(),
             "generator": "mtfc.data.make_dataset", "config": config, "class_names": list(names),
             "counts": counts, "layout": LAYOUT}
