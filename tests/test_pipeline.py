@@ -122,14 +122,17 @@ def test_a_config_extends_another_and_lays_its_values_over_it(tmp_path):
 
 
 def test_the_variant_configs_extend_the_benchmarks():
-    for child, parent in (("demo-per-beta", "demo"), ("fashion-per-beta", "fashion")):
+    for child, parent in (("demo-per-beta", "demo-hues"), ("fashion-per-beta", "fashion")):
         assert yaml.safe_load(Path(f"configs/{child}.yaml").read_text())["extends"] == f"{parent}.yaml"
         cfg, base = load_config(f"configs/{child}.yaml"), load_config(f"configs/{parent}.yaml")
         assert (cfg.bottleneck.codec["kind"], base.bottleneck.codec["kind"]) == ("factorized", "step")
         assert cfg.data == base.data and cfg.teacher == base.teacher
-    shapes, demo = load_config("configs/shapes.yaml"), load_config("configs/demo.yaml")
-    assert (shapes.data.generate.hue, demo.data.generate.hue) == ("independent", "class")
-    assert shapes.bottleneck == demo.bottleneck and shapes.evaluation == demo.evaluation
+    demo, hues, longer = (load_config(f"configs/{name}.yaml") for name in ("demo", "demo-hues", "shapes"))
+    assert (demo.data.generate.hue, hues.data.generate.hue, longer.data.generate.hue) == ("independent", "class", "independent")
+    assert [c.teacher.epochs for c in (demo, hues, longer)] == [20, 6, 24]
+    assert [[c.heads[h].epochs for h in ("classification", "detection", "segmentation")] for c in (demo, hues, longer)] \
+        == [[6, 6, 8], [4, 4, 12], [6, 8, 12]]
+    assert demo.bottleneck == hues.bottleneck == longer.bottleneck and demo.evaluation == hues.evaluation == longer.evaluation
 
 
 def test_config_errors(tmp_path):
