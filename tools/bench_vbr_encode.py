@@ -1,7 +1,7 @@
 """Device-side cost of a variable-rate codec: ``Codec.encode`` of one 64×64 demo validation image, 1 thread,
 a fixed-rate codec against a variable-rate one at its middle level, interleaved, median of 300 calls each.
 
-    python tools/bench_vbr_encode.py runs/demo-per-beta/bottleneck/beta_1/codec.pt runs/demo/bottleneck/levels/codec.pt
+    python tools/bench_vbr_encode.py runs/demo-per-beta/bottleneck/beta_1/codec.pt runs/demo-hues/bottleneck/levels/codec.pt
 """
 import statistics
 import sys

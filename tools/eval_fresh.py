@@ -2,9 +2,9 @@
 ``test``: seeded apart from ``train`` and ``val``), so that curves which differ by a few validation images can be
 told apart (300 images: one image is 0.33 point of top-1). Writes the rows as a results.json for `mtfc compare`.
 
-    python tools/eval_fresh.py configs/demo.yaml --images 3000 --out runs/demo/fresh.json
+    python tools/eval_fresh.py configs/demo-hues.yaml --images 3000 --out runs/demo-hues/fresh.json
     python tools/eval_fresh.py configs/demo-per-beta.yaml --images 3000 --out runs/demo-per-beta/fresh.json
-    mtfc compare runs/demo-per-beta/fresh.json runs/demo/fresh.json --names per-beta step
+    mtfc compare runs/demo-per-beta/fresh.json runs/demo-hues/fresh.json --names per-beta step
 
 Only mtfc and the uncompressed reference are scored (image-codec baselines off) unless --set says otherwise;
 the run's artifacts must exist (this trains nothing but learned baselines that are asked for).
