@@ -14,7 +14,7 @@ from mtfc.data import build_dataset
 
 torch.set_num_threads(1)
 fixed, variable = (load_codec(p) for p in sys.argv[1:3])
-x = build_dataset({"type": "bundled", "root": "runs/demo/data", "image_size": 64}, "val", train=False)[0][0][None]
+x = build_dataset({"type": "bundled", "root": "runs/demo-hues/data", "image_size": 64}, "val", train=False)[0][0][None]
 calls = {"fixed": lambda: fixed.encode(x), "variable": lambda: variable.encode(x, level=variable.levels // 2)}
 times: dict[str, list[float]] = {k: [] for k in calls}
 for i in range(330):
